@@ -1,0 +1,31 @@
+"""Quantization math shared by every algorithm: specs, qparams, rounding, fake quantization."""
+
+from qcb_guard.quant.ops import (
+    broadcast,
+    check_weight,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    fake_quantize_spec,
+    floor_and_fraction,
+    quantize,
+    round_ste,
+)
+from qcb_guard.quant.spec import CONVENTIONS, MAX_BITS, MIN_BITS, QuantSpec, convention
+
+__all__ = [
+    "CONVENTIONS",
+    "MAX_BITS",
+    "MIN_BITS",
+    "QuantSpec",
+    "broadcast",
+    "check_weight",
+    "compute_qparams",
+    "convention",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_spec",
+    "floor_and_fraction",
+    "quantize",
+    "round_ste",
+]

@@ -1,0 +1,47 @@
+"""Shared fixtures: fresh plugin managers and throwaway third-party defenses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcb_guard import hookimpl
+from qcb_guard.manager import make_plugin_manager
+from qcb_guard.quant.ops import broadcast
+
+
+def floor_integers(slot, calibration=None):
+    """A deliberately non-nearest defense: floor(w / s) + zp, clamped to the slot's range."""
+    s = broadcast(slot.scale, slot.weight, slot.axis)
+    zp = broadcast(slot.zero_point.float(), slot.weight, slot.axis)
+    return (torch.floor(slot.weight / s) + zp).clamp(slot.qmin, slot.qmax).to(torch.int64)
+
+
+class FloorPlugin:
+    """Third-party style plugin registering ``floor`` (no data) and ``floor-data`` (needs data,
+    and records every calibration it receives in ``seen``)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    @hookimpl
+    def qcb_guard_register_defenses(self, register):
+        register("floor", floor_integers, description="floor rounding (tests only)")
+
+        def floor_data(slot, calibration):
+            assert calibration is not None, "floor-data needs calibration"
+            self.seen[slot.name] = calibration
+            return floor_integers(slot)
+
+        register("floor-data", floor_data, needs_calibration=True, description="floor + data")
+
+
+@pytest.fixture
+def floor_plugin():
+    return FloorPlugin()
+
+
+@pytest.fixture
+def pm(floor_plugin):
+    """A fresh plugin manager: built-ins + the floor plugin, no third-party autoload."""
+    return make_plugin_manager(autoload=False, plugins=[floor_plugin], block=[])
