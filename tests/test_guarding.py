@@ -178,7 +178,7 @@ class TestReferenceQuantizer:
     )
     def test_nearest_equals_direct_quantization(self, pm, spec):
         model = tiny_net()
-        qmodel, result = quantize_model(model, spec, pm=pm)
+        qmodel, _ = quantize_model(model, spec, pm=pm)
         assert result.to_dict()["changed_total"] == 0
         for (name, m), qm in zip(model.named_modules(), qmodel.modules(), strict=True):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -204,7 +204,7 @@ class TestReferenceQuantizer:
     def test_calibration_reaches_defenses_per_layer(self, pm, floor_plugin):
         model = tiny_net()
         x = torch.rand(10, 1, 8, 8)
-        qmodel, result = quantize_model(
+        qmodel, _ = quantize_model(
             model, QuantSpec(4), defense="floor-data", calibration=x, pm=pm
         )
         seen = floor_plugin.seen
@@ -231,7 +231,7 @@ class TestReferenceQuantizer:
 
 
 def test_guard_rejects_unknown_objects_listing_supported_kinds(pm):
-    with pytest.raises(UnsupportedObjectError, match="does not recognise builtins.int"):
+    with pytest.raises(UnsupportedObjectError, match=r"does not recognise builtins\.int"):
         guard(42, pm=pm)
 
 
