@@ -178,7 +178,7 @@ class TestReferenceQuantizer:
     )
     def test_nearest_equals_direct_quantization(self, pm, spec):
         model = tiny_net()
-        qmodel, _ = quantize_model(model, spec, pm=pm)
+        qmodel, result = quantize_model(model, spec, pm=pm)
         assert result.to_dict()["changed_total"] == 0
         for (name, m), qm in zip(model.named_modules(), qmodel.modules(), strict=True):
             if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -8,15 +8,29 @@ from qcb_guard.quant.ops import (
     fake_quantize,
     fake_quantize_spec,
     floor_and_fraction,
+    grid_position,
+    nncf_input_high,
     quantize,
+    quantize_nncf,
+    quantize_spec,
     round_ste,
 )
-from qcb_guard.quant.spec import CONVENTIONS, MAX_BITS, MIN_BITS, QuantSpec, convention
+from qcb_guard.quant.spec import (
+    CONVENTIONS,
+    MAX_BITS,
+    MIN_BITS,
+    QPARAMS,
+    ROUNDINGS,
+    QuantSpec,
+    convention,
+)
 
 __all__ = [
     "CONVENTIONS",
     "MAX_BITS",
     "MIN_BITS",
+    "QPARAMS",
+    "ROUNDINGS",
     "QuantSpec",
     "broadcast",
     "check_weight",
@@ -26,6 +40,10 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_spec",
     "floor_and_fraction",
+    "grid_position",
+    "nncf_input_high",
     "quantize",
+    "quantize_nncf",
+    "quantize_spec",
     "round_ste",
 ]

@@ -1,12 +1,34 @@
-"""``QuantSpec``: a validated description of one integer quantization grid."""
+"""``QuantSpec``: a validated description of one integer quantization grid.
+
+A spec also names the framework arithmetic that turns a float weight into an integer
+(``rounding``) and into a scale (``qparams``), because the project's "nearest" rounding must
+equal what each framework deploys bit for bit, ties included (DESIGN.md §2; the facts are
+checked against the real frameworks in ``tests/test_quant_frameworks.py``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from qcb_guard.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 8
+FP32_EPS = 2.0**-23  # torch.finfo(torch.float32).eps: torch.ao observers' default eps
+
+#: How ``w / scale`` is computed in float32 before rounding half to even.
+#: ``divide``: ``w / s`` (ONNX Runtime's ``quantize_nparray``, numpy);
+#: ``multiply_inverse``: ``w * (1 / s)`` (torch ``quantize_per_channel``/``_per_tensor`` via
+#: fbgemm, PT2E ``quantized_decomposed``); ``nncf``: NNCF's fake-quantize arithmetic
+#: ``(clamp(w, -S, S) + S) * ((levels - 1) / 2S) - zp`` on its ``input_high`` S, which a
+#: scale alone cannot reproduce (see :func:`qcb_guard.quant.ops.quantize_nncf`).
+ROUNDINGS = ("divide", "multiply_inverse", "nncf")
+
+#: Whose min/max formula gives the scale. ``torch``: torch.ao observers, float32,
+#: ``scale = max(scale, eps)``; ``ort``: ONNX Runtime ``compute_scale_zp``, range in float64,
+#: a scale below float32's smallest normal becomes 1.0; ``nncf``: abs-max raised to NNCF's
+#: zero-filter floor ``max(0.01 * max over channels, 8e-5)``, ``scale = input_high / qmax``.
+QPARAMS = ("torch", "ort", "nncf")
 
 
 @dataclass(frozen=True)
@@ -17,8 +39,12 @@ class QuantSpec:
     :param symmetric: zero-point fixed at 0 (signed) instead of fitted to min/max.
     :param axis: channel axis for per-channel quantization, ``None`` for per-tensor.
     :param narrow_range: drop the most negative level (``[-127, 127]`` at 8 bits), as ONNX
-        Runtime, NNCF and XNNPACK do for symmetric weights; x86/fbgemm uses the full range.
+        Runtime (int8), NNCF and XNNPACK do for symmetric weights; x86/fbgemm uses the full range.
     :param signed: signed integers (``int8``-like) or unsigned (``uint8``-like).
+    :param rounding: the framework's float32 arithmetic for ``w / s`` (one of ``ROUNDINGS``).
+    :param qparams: the framework's scale/zero-point formula (one of ``QPARAMS``).
+    :param eps: smallest scale for ``qparams="torch"`` (observers' ``eps``: float32 eps by
+        default, ``2**-12`` for torch's ``[-127, 127]`` XNNPACK observers).
     """
 
     bits: int = 8
@@ -26,18 +52,36 @@ class QuantSpec:
     axis: int | None = 0
     narrow_range: bool = False
     signed: bool = True
+    rounding: str = "divide"
+    qparams: str = "torch"
+    eps: float = FP32_EPS
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise ConfigError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
-        if self.axis is not None and (
-            isinstance(self.axis, bool) or not isinstance(self.axis, int)
-        ):
+        bad_axis = isinstance(self.axis, bool) or not isinstance(self.axis, int)
+        if self.axis is not None and bad_axis:
             raise ConfigError(f"axis must be an int or None, got {self.axis!r}")
         if self.symmetric and not self.signed:
             raise ConfigError("symmetric quantization needs signed integers (signed=True)")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.qparams not in QPARAMS:
+            raise ConfigError(f"qparams must be one of {QPARAMS}, got {self.qparams!r}")
+        if (
+            isinstance(self.eps, bool)
+            or not isinstance(self.eps, int | float)
+            or not math.isfinite(self.eps)
+            or self.eps <= 0
+        ):
+            raise ConfigError(f"eps must be a finite positive float, got {self.eps!r}")
+        if "nncf" in (self.rounding, self.qparams) and not (self.symmetric and self.narrow_range):
+            raise ConfigError(
+                "NNCF weight quantization is symmetric with a narrow range: "
+                f"got symmetric={self.symmetric}, narrow_range={self.narrow_range}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -57,22 +101,58 @@ class QuantSpec:
     def describe(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         gran = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
-        return f"{self.bits}-bit {kind} {gran} [{self.qmin}, {self.qmax}]"
+        return f"{self.bits}-bit {kind} {gran} [{self.qmin}, {self.qmax}] ({self.rounding})"
 
 
-# Each framework's default weight convention (DESIGN.md §2).
-X86 = QuantSpec(bits=8, symmetric=True, axis=0, narrow_range=False)
-ONNXRUNTIME = QuantSpec(bits=8, symmetric=True, axis=0, narrow_range=True)
-NNCF = QuantSpec(bits=8, symmetric=True, axis=0, narrow_range=True)
-CONVENTIONS: dict[str, QuantSpec] = {"x86": X86, "ort": ONNXRUNTIME, "nncf": NNCF}
+# Each framework's default weight convention (DESIGN.md §2, verified in tests).
+X86 = QuantSpec(bits=8, axis=0, rounding="multiply_inverse")
+QNNPACK = QuantSpec(bits=8, axis=None, rounding="multiply_inverse")
+XNNPACK = QuantSpec(bits=8, axis=None, narrow_range=True, rounding="multiply_inverse", eps=2.0**-12)
+ONNXRUNTIME = QuantSpec(bits=8, axis=0, narrow_range=True, rounding="divide", qparams="ort")
+NNCF = QuantSpec(bits=8, axis=0, narrow_range=True, rounding="nncf", qparams="nncf")
+CONVENTIONS: dict[str, QuantSpec] = {
+    "x86": X86,  # torch.ao get_default_qconfig("x86"/"fbgemm"/"onednn") weights
+    "fbgemm": X86,
+    "onednn": X86,
+    "qnnpack": QNNPACK,  # torch.ao get_default_qconfig("qnnpack"): per-tensor, [-128, 127]
+    "xnnpack": XNNPACK,  # torch.ao default_symmetric_qnnpack_qconfig: [-127, 127], eps 2**-12
+    "ort": ONNXRUNTIME,
+    "nncf": NNCF,
+}
+#: ONNX Runtime's weight types: QInt4's symmetric range is the full [-8, 7] (its
+#: ``ONNX_INT_TYPE_SYMMETRIC_RANGE`` has no int4 entry), QInt8's is the narrow [-127, 127].
+ORT_NARROW = {4: False, 8: True}
+
+_FRAMEWORK_AXIS = "default"
 
 
-def convention(name: str, bits: int = 8, axis: int | None = 0) -> QuantSpec:
-    """The weight spec of framework ``name`` (``x86``, ``ort``, ``nncf``) at ``bits``."""
+def convention(name: str, bits: int = 8, axis: int | str | None = _FRAMEWORK_AXIS) -> QuantSpec:
+    """The weight spec of framework ``name`` (a key of ``CONVENTIONS``) at ``bits``.
+
+    ``axis`` defaults to the framework's own granularity (per-channel on axis 0, per-tensor
+    for ``qnnpack``/``xnnpack``); pass an int or ``None`` to override it.
+    """
     try:
         base = CONVENTIONS[name]
     except KeyError:
         raise ConfigError(
             f"unknown framework convention {name!r}; known: {', '.join(sorted(CONVENTIONS))}"
         ) from None
-    return QuantSpec(bits=bits, symmetric=base.symmetric, axis=axis, narrow_range=base.narrow_range)
+    if axis == _FRAMEWORK_AXIS:
+        axis = base.axis
+    narrow = base.narrow_range
+    if name == "ort":
+        if bits not in ORT_NARROW:
+            raise ConfigError(
+                f"ONNX Runtime quantizes weights to 4 or 8 bits (QInt4/QInt8), got bits={bits!r}"
+            )
+        narrow = ORT_NARROW[bits]
+    return QuantSpec(
+        bits=bits,
+        symmetric=base.symmetric,
+        axis=axis,  # type: ignore[arg-type]  # validated by QuantSpec
+        narrow_range=narrow,
+        rounding=base.rounding,
+        qparams=base.qparams,
+        eps=base.eps,
+    )
