@@ -151,6 +151,8 @@ class PluginManager(pluggy.PluginManager):
         """Name, source/version and implemented hooks of every registered plugin."""
         rows = []
         for name, plugin in sorted(self.list_name_plugin(), key=lambda item: item[0]):
+            if plugin is None:  # pluggy keeps blocked names with a None plugin
+                continue
             hooks = sorted(caller.name for caller in (self.get_hookcallers(plugin) or []))
             rows.append(
                 {

@@ -1,0 +1,48 @@
+"""The command line: plugins listing, demo, and clean errors."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from qcb_guard.cli import main
+
+
+def test_plugins_json_lists_builtins_and_registrations():
+    result = CliRunner().invoke(main, ["--no-autoload", "plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    names = {p["name"] for p in data["plugins"]}
+    assert {"nearest", "ort", "nncf", "pt2e", "torch-ao"} <= names
+    assert {"name": "nearest", "plugin": "nearest"}.items() <= data["defenses"][0].items()
+
+
+def test_blocking_a_plugin_from_the_command_line():
+    result = CliRunner().invoke(main, ["-p", "nearest", "plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "nearest" not in {p["name"] for p in json.loads(result.output)["plugins"]}
+
+
+def test_demo_runs_and_writes_reports(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(
+        main, ["demo", "--epochs", "3", "--bits", "8", "--bits", "4", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    fp = report["rows"][0]
+    assert fp["model"] == "float32" and fp["cda"] > 0.5
+    eight = next(r for r in report["rows"] if r["bits"] == 8 and r["defense"] == "nearest")
+    assert abs(eight["cda"] - fp["cda"]) < 0.05  # 8-bit weights barely move a trained model
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<svg" in html
+    assert (out / "model.safetensors").stat().st_size > 10_000
+
+
+def test_bad_input_gives_one_line_error_and_status_2(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--bits", "9", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "bits must be in [2, 8], got 9" in result.output
+    result = CliRunner().invoke(main, ["demo", "--data", "cifar100", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "error:" in result.output and "digits" in result.output
