@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from qcb_guard.config import DEFAULT_DEFENSE, GuardConfig
-from qcb_guard.errors import DefenseError, UnsupportedObjectError
+from qcb_guard.errors import ConfigError, DefenseError, UnsupportedObjectError
 from qcb_guard.fileio import write_json_atomic
 from qcb_guard.manager import PluginManager, get_plugin_manager
+from qcb_guard.registry import Entry
 from qcb_guard.slots import SlotCalibration, WeightSlot
 
 #: ``calibrator(slot) -> SlotCalibration | None``; called lazily, in slot order, after the
@@ -58,16 +59,31 @@ class GuardResult:
 
 
 def _choose_integers(
-    slot: WeightSlot, calibration: SlotCalibration | None, config: GuardConfig, pm: PluginManager
+    slot: WeightSlot,
+    calibration: SlotCalibration | None,
+    config: GuardConfig,
+    pm: PluginManager,
+    seed: int,
 ) -> tuple[torch.Tensor, str]:
     proposed = pm.hook.qcb_guard_round_weights(slot=slot, calibration=calibration, config=config)
     if proposed is not None:
         return slot.check_integers(proposed, "hook qcb_guard_round_weights"), "hook"
     entry = pm.defenses.get(config.defense)
-    q = entry.obj(slot, calibration)
+    if entry.options.get("configurable", False):
+        q = entry.obj(slot, calibration, seed=seed, **config.options)
+    else:
+        q = entry.obj(slot, calibration)
     return slot.check_integers(
         q, f"defense {config.defense!r} (plugin {entry.plugin!r})"
     ), config.defense
+
+
+def check_options(entry: Entry, config: GuardConfig) -> None:
+    """Refuse options for a defense that takes none (before any framework work starts)."""
+    if config.options and not entry.options.get("configurable", False):
+        raise ConfigError(
+            f"defense {config.defense!r} takes no options, got {', '.join(sorted(config.options))}"
+        )
 
 
 def round_slots(
@@ -89,6 +105,7 @@ def round_slots(
     pm = pm or get_plugin_manager()
     entry = pm.defenses.get(config.defense)  # fail fast on an unknown name
     needs_data = bool(entry.options.get("needs_calibration", False))
+    check_options(entry, config)
     if needs_data and calibrator is None:
         raise DefenseError(
             f"defense {config.defense!r} needs calibration data and this flow has none: "
@@ -99,20 +116,21 @@ def round_slots(
     )
     pm.hook.qcb_guard_before_quantize(slots=slots, config=config)
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
     bar = tqdm(
         slots,
         desc=f"qcb_guard {config.defense}",
         unit="layer",
         disable=None if progress is None else not progress,
     )
-    for slot in bar:
+    for index, slot in enumerate(bar):
         t0 = time.perf_counter()
+        seed = config.seed * 100_003 + index  # per layer, so a layer's result is reproducible
+        torch.manual_seed(seed)
         nearest = slot.nearest()
         fallback = None
         try:
             calibration = calibrator(slot) if (calibrator is not None and needs_data) else None
-            q, used = _choose_integers(slot, calibration, config, pm)
+            q, used = _choose_integers(slot, calibration, config, pm, seed)
         except Exception as exc:
             if config.on_defense_error == "raise":
                 raise
@@ -180,7 +198,7 @@ def guard(
         seed=seed,
         options=options,
     )
-    pm.defenses.get(config.defense)  # unknown defense: fail before touching the framework
+    check_options(pm.defenses.get(config.defense), config)  # fail before touching the framework
     for entry in pm.adapters:
         if entry.obj.matches(obj):
             return entry.obj.wrap(obj, config, pm)

@@ -40,11 +40,14 @@ def qcb_guard_register_defenses(register: Register) -> None:
     Called when the defense registry is first built (``guard()``, ``qcb-guard plugins``,
     ``qcb_guard.get_defense``).
 
-    :param register: ``register(name, defense, *, needs_calibration=False, description="")``.
-        ``defense(slot, calibration)`` receives a :class:`~qcb_guard.slots.WeightSlot` and a
-        :class:`~qcb_guard.slots.SlotCalibration` (``None`` when the flow has no data and the
-        defense declared ``needs_calibration=False``) and returns the integer weights: a tensor
-        of ``slot.weight``'s shape with values in ``[slot.qmin, slot.qmax]``.
+    :param register: ``register(name, defense, *, needs_calibration=False,
+        configurable=False, description="")``. ``defense(slot, calibration)`` receives a
+        :class:`~qcb_guard.slots.WeightSlot` and a :class:`~qcb_guard.slots.SlotCalibration`
+        (``None`` unless the defense declared ``needs_calibration=True``) and returns the integer
+        weights: a tensor of ``slot.weight``'s shape with values in ``[slot.qmin, slot.qmax]``.
+        A ``configurable`` defense is also called with keyword arguments: ``seed`` (derived
+        from ``guard(seed=...)`` and the slot's position) and every extra keyword the user gave
+        ``guard()``; it must reject unknown ones with a ``ConfigError``.
     :return: nothing; all implementations are called.
     """
 
@@ -117,7 +120,9 @@ def qcb_guard_after_quantize(slots: list[WeightSlot], result: Any, config: Guard
     framework's artefact (module, graph or ONNX file) is final.
 
     :param slots: the weight slots, with ``slot.integers`` set to the deployed integers.
-    :param result: what the guarded flow returns to the user (module, ModelProto, path ...).
+    :param result: what the guarded flow returns to the user (module, ModelProto, path ...),
+        or, for flows that finish after the guard runs (PT2E constant-folds inside
+        ``convert_pt2e``), the object being converted.
     :param config: the guard configuration of this run.
     :return: nothing; all implementations are called.
     """

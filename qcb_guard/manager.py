@@ -41,6 +41,7 @@ DISTRIBUTION = "qcb-guard"
 #: and a test keeps both in sync.
 BUILTIN_PLUGINS: dict[str, str] = {
     "nearest": "qcb_guard_plugins.nearest",
+    "efrap": "qcb_guard_plugins.efrap",
     "ort": "qcb_guard_plugins.adapter_ort",
     "nncf": "qcb_guard_plugins.adapter_nncf",
     "pt2e": "qcb_guard_plugins.adapter_pt2e",

@@ -1,0 +1,1 @@
+"""Quantization-time algorithms over :class:`~qcb_guard.slots.WeightSlot` (no framework)."""
