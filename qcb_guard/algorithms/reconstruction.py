@@ -8,9 +8,10 @@ point never change: only the integers do.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ class ReconstructionConfig:
     :param check_every: steps between checks of the hard decisions ``V >= 0``.
     :param patience: consecutive checks without any changed decision before stopping early.
     :param min_iters: never stop before this many steps.
+    :param threads: intra-op threads while optimising; ``None`` picks 1 for small layers,
+        where thread start-up costs more than the arithmetic (measured 10× slower with 2
+        threads on a 8×4×3×3 conv), and torch's default otherwise.
     """
 
     iters: int = 2000
@@ -43,6 +47,7 @@ class ReconstructionConfig:
     check_every: int = 100
     patience: int = 3
     min_iters: int = 400
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "max_samples", "check_every", "patience"):
@@ -112,6 +117,28 @@ def prepare_calibration(
     return inputs, fp_inputs
 
 
+#: Multiply-accumulates per step below which one thread is faster than several.
+SMALL_LAYER_MACS = 20_000_000
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def step_macs(slot: WeightSlot, inputs: torch.Tensor, batch_size: int) -> int:
+    """Multiply-accumulates of one forward step of the layer on a batch."""
+    with torch.no_grad():
+        out = slot.layer(inputs[:1], slot.weight)
+    per_output = slot.weight[0].numel() if slot.weight.dim() > 1 else 1
+    return int(out.numel() * per_output * min(batch_size, inputs.shape[0]))
+
+
 def reconstruct(
     slot: WeightSlot,
     calibration: SlotCalibration | None,
@@ -131,6 +158,28 @@ def reconstruct(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     inputs, fp_inputs = prepare_calibration(calibration, config, generator)
+    threads = config.threads
+    if threads is None:
+        small = step_macs(slot, inputs, config.batch_size) < SMALL_LAYER_MACS
+        threads = 1 if small else torch.get_num_threads()
+    with _threads(threads):
+        integers, stats = _optimise(
+            slot, inputs, fp_inputs, init_v, soft, regulariser, config, generator
+        )
+    stats.seconds = time.perf_counter() - start
+    return integers, stats
+
+
+def _optimise(
+    slot: WeightSlot,
+    inputs: torch.Tensor,
+    fp_inputs: torch.Tensor,
+    init_v: Callable[[torch.Tensor], torch.Tensor],
+    soft: Callable[[torch.Tensor], torch.Tensor],
+    regulariser: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    config: ReconstructionConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, ReconstructionStats]:
     low, frac, s, zp = grid(slot)
     with torch.no_grad():
         targets = slot.layer(fp_inputs, slot.weight)
@@ -159,5 +208,4 @@ def reconstruct(
                 break
     if not torch.isfinite(v).all():
         raise DataError(f"slot {slot.name!r}: rounding optimisation diverged (non-finite V)")
-    stats.seconds = time.perf_counter() - start
     return hard_integers(low, v.detach(), zp, slot.qmin, slot.qmax), stats

@@ -93,7 +93,8 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     ``qparams="ort"`` (``compute_scale_zp``): the same ratios with the range in float64, rounded
     once to float32; a scale below float32's smallest normal becomes 1.0 (zero point 0).
     ``qparams="nncf"``: ``scale = S / qmax`` with ``S`` = :func:`nncf_input_high` (as stored
-    and re-added by the quantizer), the scale NNCF exports and ``nncf.strip`` deploys.
+    and re-added by the quantizer), equal to the ``2S / (levels - 1)`` NNCF exports
+    (``get_scale_zp_from_input_low_input_high``); its integers need :func:`quantize_nncf`.
     """
     check_weight(w)
     w = w.detach().to(torch.float32)
@@ -139,14 +140,15 @@ def grid_position(
 ) -> torch.Tensor:
     """``w / s`` in float32, computed the way the deploying framework computes it.
 
-    ``divide``: ``w / s`` (ONNX Runtime). ``multiply_inverse``: ``w * fl(1 / s)`` (torch's
-    fbgemm and reference kernels, PT2E): both round twice, so they disagree near .5 ties.
+    ``divide``: ``w / s`` (ONNX Runtime). The ``multiply_inverse`` family: ``w * fl(1 / s)``
+    (torch's kernels, PT2E); it rounds twice, so it disagrees with ``divide`` near .5 ties.
+    The zero point is not included (see :func:`quantize` for where each framework adds it).
     """
     w32 = w.detach().to(torch.float32)
     s = broadcast(scale.to(torch.float32), w32, axis)
     if rounding == "divide":
         return w32 / s
-    if rounding == "multiply_inverse":
+    if rounding in _INVERSE:
         return w32 * torch.reciprocal(s)
     if rounding == "nncf":
         raise ConfigError(
@@ -154,6 +156,26 @@ def grid_position(
             "or quantize_spec()"
         )
     raise ConfigError(f"unknown rounding {rounding!r}")
+
+
+_INVERSE = ("multiply_inverse", "multiply_inverse_zp", "fma_inverse")
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once to float32 (a fused multiply-add), for float32 inputs.
+
+    The product is exact in float64; the sum's float64 rounding error ``e`` (TwoSum) decides
+    the cases where the float64 sum sits exactly halfway between two float32 values.
+    """
+    p = a.double() * b.double()
+    c64 = c.double().expand_as(p)
+    s = p + c64
+    bb = s - p
+    e = (p - (s - bb)) + (c64 - bb)
+    r = s.float()
+    up, down = torch.nextafter(r, r + torch.inf), torch.nextafter(r, r - torch.inf)
+    r = torch.where((s == (r.double() + up.double()) / 2) & (e > 0), up, r)
+    return torch.where((s == (r.double() + down.double()) / 2) & (e < 0), down, r)
 
 
 def quantize(
@@ -168,11 +190,20 @@ def quantize(
 ) -> torch.Tensor:
     """Nearest integers (int64): ``clamp(round_half_even(w / s) + zp, qmin, qmax)``.
 
-    ``w / s`` is :func:`grid_position` in the framework's float32 arithmetic ``rounding``.
+    ``w / s`` is :func:`grid_position` in the framework's float32 arithmetic ``rounding``;
+    ``multiply_inverse_zp`` and ``fma_inverse`` add the zero point before rounding, as
+    torch's fbgemm kernels do (``spec.ROUNDINGS``).
     """
     ws = grid_position(w, scale, axis, rounding)
     zp = broadcast(zero_point.to(torch.float32), ws, axis)
-    return (torch.round(ws) + zp).clamp(qmin, qmax).to(torch.int64)
+    if rounding == "multiply_inverse_zp":
+        q = torch.round(ws + zp)
+    elif rounding == "fma_inverse":
+        inv = torch.reciprocal(broadcast(scale.to(torch.float32), ws, axis))
+        q = torch.round(fma_f32(w.detach().to(torch.float32), inv, zp))
+    else:
+        q = torch.round(ws) + zp
+    return q.clamp(qmin, qmax).to(torch.int64)
 
 
 def quantize_nncf(
@@ -236,7 +267,9 @@ def floor_and_fraction(
     """``floor(w / s)`` and the position ``w / s - floor(w / s)`` in [0, 1) inside the bin.
 
     ``w / s`` is :func:`grid_position`, so a fraction of exactly 0.5 is a tie in the
-    framework's own arithmetic (nearest rounds it to the even integer). A tiny negative
+    framework's own arithmetic (nearest rounds it to the even integer). Exact for every
+    rounding when ``zp = 0``; with a zero point, ``multiply_inverse_zp``/``fma_inverse`` round
+    ``w / s + zp``, whose ties :func:`quantize` resolves. A tiny negative
     ``w / s`` would give ``-1 + 1.0`` in float32; it is returned as ``0 + 0.0`` instead, the
     integer nearest rounding picks.
     """

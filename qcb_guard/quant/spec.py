@@ -16,13 +16,17 @@ from qcb_guard.errors import ConfigError
 MIN_BITS, MAX_BITS = 2, 8
 FP32_EPS = 2.0**-23  # torch.finfo(torch.float32).eps: torch.ao observers' default eps
 
-#: How ``w / scale`` is computed in float32 before rounding half to even.
-#: ``divide``: ``w / s`` (ONNX Runtime's ``quantize_nparray``, numpy);
-#: ``multiply_inverse``: ``w * (1 / s)`` (torch ``quantize_per_channel``/``_per_tensor`` via
-#: fbgemm, PT2E ``quantized_decomposed``); ``nncf``: NNCF's fake-quantize arithmetic
-#: ``(clamp(w, -S, S) + S) * ((levels - 1) / 2S) - zp`` on its ``input_high`` S, which a
-#: scale alone cannot reproduce (see :func:`qcb_guard.quant.ops.quantize_nncf`).
-ROUNDINGS = ("divide", "multiply_inverse", "nncf")
+#: How the integer is computed in float32, rounding half to even, before clamping.
+#: ``divide``: ``round(w / s) + zp`` (ONNX Runtime's ``quantize_nparray``, numpy);
+#: ``multiply_inverse``: ``round(w * fl(1 / s)) + zp`` (PT2E ``quantized_decomposed``; torch
+#: ``quantize_per_channel``/``_per_tensor`` for symmetric weights); with a zero point, torch's
+#: fbgemm kernels add it before rounding: ``multiply_inverse_zp`` is
+#: ``round(fl(w * fl(1 / s)) + zp)`` (``quantize_per_channel``) and ``fma_inverse`` is
+#: ``round(fma(w, fl(1 / s), zp))``, one rounding (``quantize_per_tensor``; measured on x86-64);
+#: all three are the same when ``zp = 0``. ``nncf``: NNCF's fake-quantize arithmetic
+#: ``round((clamp(w, -S, S) + S) * fl((levels - 1) / 2S) - zp)`` on its ``input_high`` S,
+#: which a scale alone cannot reproduce (see :func:`qcb_guard.quant.ops.quantize_nncf`).
+ROUNDINGS = ("divide", "multiply_inverse", "multiply_inverse_zp", "fma_inverse", "nncf")
 
 #: Whose min/max formula gives the scale. ``torch``: torch.ao observers, float32,
 #: ``scale = max(scale, eps)``; ``ort``: ONNX Runtime ``compute_scale_zp``, range in float64,
@@ -41,7 +45,7 @@ class QuantSpec:
     :param narrow_range: drop the most negative level (``[-127, 127]`` at 8 bits), as ONNX
         Runtime (int8), NNCF and XNNPACK do for symmetric weights; x86/fbgemm uses the full range.
     :param signed: signed integers (``int8``-like) or unsigned (``uint8``-like).
-    :param rounding: the framework's float32 arithmetic for ``w / s`` (one of ``ROUNDINGS``).
+    :param rounding: the framework's float32 arithmetic for the integer (one of ``ROUNDINGS``).
     :param qparams: the framework's scale/zero-point formula (one of ``QPARAMS``).
     :param eps: smallest scale for ``qparams="torch"`` (observers' ``eps``: float32 eps by
         default, ``2**-12`` for torch's ``[-127, 127]`` XNNPACK observers).
@@ -77,6 +81,11 @@ class QuantSpec:
             or self.eps <= 0
         ):
             raise ConfigError(f"eps must be a finite positive float, got {self.eps!r}")
+        if self.rounding == "nncf" and self.qparams != "nncf":
+            raise ConfigError(
+                f"rounding 'nncf' works on NNCF's own range: it needs qparams='nncf', "
+                f"got {self.qparams!r}"
+            )
         if "nncf" in (self.rounding, self.qparams) and not (self.symmetric and self.narrow_range):
             raise ConfigError(
                 "NNCF weight quantization is symmetric with a narrow range: "
