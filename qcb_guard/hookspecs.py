@@ -79,6 +79,26 @@ def qcb_guard_register_adapters(register: Register) -> None:
     """
 
 
+@hookspec
+def qcb_guard_register_flows(register: Register) -> None:
+    """Register real quantization flows for evaluation (``qcb_guard.evaluate``, benchmarks).
+
+    Called when the flow registry is first built (``qcb-guard evaluate``, benchmarks,
+    ``qcb-guard plugins``). A flow runs one framework's own post-training quantization on a
+    torch model, unguarded or through ``guard()``, so that attacks and defenses are measured
+    on what users really deploy.
+
+    :param register: ``register(name, flow, *, bits=(8, 4), requires="", description="")``;
+        ``flow(model, calibration, request)`` receives a float ``torch.nn.Module`` (never
+        modified), calibration inputs ``[N, C, H, W]`` and a
+        :class:`~qcb_guard.evaluate.FlowRequest` (bits, defense or ``None`` for the unguarded
+        flow, per-channel, seed, options, plugin manager) and returns a callable mapping an
+        input batch to logits. ``bits`` lists the weight bit-widths the flow supports;
+        ``requires`` names the pip extra that installs the framework.
+    :return: nothing; all implementations are called.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Quantization time: called by guarded flows, once per quantization run.
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ DISTRIBUTION = "qcb-guard"
 BUILTIN_PLUGINS: dict[str, str] = {
     "nearest": "qcb_guard_plugins.nearest",
     "efrap": "qcb_guard_plugins.efrap",
+    "flows": "qcb_guard_plugins.flows",
     "ort": "qcb_guard_plugins.adapter_ort",
     "nncf": "qcb_guard_plugins.adapter_nncf",
     "pt2e": "qcb_guard_plugins.adapter_pt2e",
@@ -142,6 +143,10 @@ class PluginManager(pluggy.PluginManager):
     @property
     def attacks(self) -> Registry:
         return self._registry("attack", "qcb_guard_register_attacks", check_callable)
+
+    @property
+    def flows(self) -> Registry:
+        return self._registry("flow", "qcb_guard_register_flows", check_callable)
 
     @property
     def adapters(self) -> Registry:

@@ -1,0 +1,76 @@
+"""The evaluation harness over real flows (ONNX Runtime, PT2E) and the reference quantizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcb_guard.data import load_dataset, square
+from qcb_guard.errors import ConfigError, DataError
+from qcb_guard.evaluate import evaluate, format_table, metrics, module_predictor
+from qcb_guard.models import build_model, train
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 1, 10, pool_size=2)
+    train(
+        model, data.train.x, data.train.y, epochs=6, batch_size=64, lr=2e-3, seed=0, progress=False
+    )
+    return model, data
+
+
+def test_asr_counts_only_non_target_images(trained):
+    model, data = trained
+
+    def always_target(x):
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    trig = square((1, 8, 8), size=2, target=0)
+    cda, asr = metrics(always_target, data.test.x, data.test.y, trig)
+    assert asr == 1.0 and cda == pytest.approx(float((data.test.y == 0).float().mean()))
+    cda_model, _ = metrics(module_predictor(model), data.test.x, data.test.y)
+    assert cda_model > 0.85
+
+
+@pytest.mark.ort
+@pytest.mark.torchao
+def test_flows_measure_unguarded_nearest_and_defended_runs(trained, pm):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torchao")
+    model, data = trained
+    trig = square((1, 8, 8), size=2, target=3)
+    report = evaluate(
+        model, data.test.x[:200], data.test.y[:200], trig,
+        calibration=data.train.x[:64], bits=(8, 4), flows=["reference", "ort-static", "pt2e-x86"],
+        defenses=(None, "nearest", "floor"), pm=pm, progress=False,
+    )  # fmt: skip
+    assert len(report.rows) == 1 + 3 * 2 * 3
+    assert all(r.error is None for r in report.rows), [r.error for r in report.rows]
+    fp = report.row("float32", None)
+    for flow in ("reference", "ort-static", "pt2e-x86"):
+        for bits in (8, 4):
+            plain, nearest = report.row(flow, bits), report.row(flow, bits, "nearest")
+            assert (plain.cda, plain.asr) == (nearest.cda, nearest.asr), (flow, bits)
+        assert abs(report.row(flow, 8).cda - fp.cda) < 0.03
+        # floor rounding is a (deliberately) bad defense at 4 bits: it must show up
+        assert report.row(flow, 4, "floor").cda < report.row(flow, 4).cda
+    assert len(format_table(report)) == len(report.rows)
+
+
+def test_errors_become_rows_and_bad_requests_fail_fast(trained, pm):
+    model, data = trained
+    x, y = data.test.x[:50], data.test.y[:50]
+    with pytest.raises(ConfigError, match="unknown flow"):
+        evaluate(model, x, y, calibration=x, flows=["tflite"], pm=pm)
+    with pytest.raises(ConfigError, match=r"bits must be in \[2, 8\]"):
+        evaluate(model, x, y, calibration=x, bits=(9,), pm=pm)
+    with pytest.raises(DataError, match="calibration"):
+        evaluate(model, x, y, calibration=x[:0], pm=pm)
+    if "ort-static" in pm.flows:
+        report = evaluate(
+            model, x, y, calibration=x, bits=(3,), flows=["ort-static"], pm=pm, progress=False
+        )
+        assert "supports" in report.rows[1].error and report.rows[1].cda is None
