@@ -94,13 +94,15 @@ def round_slots(
     calibrator: Calibrator | None = None,
     framework: str = "",
     progress: bool | None = None,
+    first_index: int = 0,
 ) -> GuardResult:
     """Choose and deploy the integers of every slot, in order.
 
     A defense that needs calibration data gets ``calibrator(slot)``; without a calibrator it
     is an error naming the ``calibration=`` argument. A defense that fails on one layer keeps
     nearest rounding there and the report says so (``config.on_defense_error="fallback"``),
-    or stops the run (``"raise"``).
+    or stops the run (``"raise"``). Adapters that round one layer at a time pass
+    ``first_index`` (the layer's position) so that every layer gets its own seed.
     """
     pm = pm or get_plugin_manager()
     entry = pm.defenses.get(config.defense)  # fail fast on an unknown name
@@ -122,33 +124,35 @@ def round_slots(
         unit="layer",
         disable=None if progress is None else not progress,
     )
-    for index, slot in enumerate(bar):
-        t0 = time.perf_counter()
-        seed = config.seed * 100_003 + index  # per layer, so a layer's result is reproducible
-        torch.manual_seed(seed)
-        nearest = slot.nearest()
-        fallback = None
-        try:
-            calibration = calibrator(slot) if (calibrator is not None and needs_data) else None
-            q, used = _choose_integers(slot, calibration, config, pm, seed)
-        except Exception as exc:
-            if config.on_defense_error == "raise":
-                raise
-            q, used, fallback = nearest, "nearest", f"{type(exc).__name__}: {exc}"
-            result.notes.append(
-                f"slot {slot.name!r}: defense failed, kept nearest rounding ({fallback})"
+    # Seeds are per layer; the caller's global RNG stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        for index, slot in enumerate(bar, start=first_index):
+            t0 = time.perf_counter()
+            seed = config.seed * 100_003 + index  # per layer, so a layer's result is reproducible
+            torch.manual_seed(seed)
+            nearest = slot.nearest()
+            fallback = None
+            try:
+                calibration = calibrator(slot) if (calibrator is not None and needs_data) else None
+                q, used = _choose_integers(slot, calibration, config, pm, seed)
+            except Exception as exc:  # any defense failure is reported, never silent
+                if config.on_defense_error == "raise":
+                    raise
+                q, used, fallback = nearest, "nearest", f"{type(exc).__name__}: {exc}"
+                result.notes.append(
+                    f"slot {slot.name!r}: defense failed, kept nearest rounding ({fallback})"
+                )
+            slot.deploy(q)
+            result.slots.append(
+                SlotOutcome(
+                    name=slot.name,
+                    shape=list(slot.weight.shape),
+                    defense=used,
+                    changed=int((q != nearest).sum()),
+                    seconds=round(time.perf_counter() - t0, 4),
+                    fallback=fallback,
+                )
             )
-        slot.deploy(q)
-        result.slots.append(
-            SlotOutcome(
-                name=slot.name,
-                shape=list(slot.weight.shape),
-                defense=used,
-                changed=int((q != nearest).sum()),
-                seconds=round(time.perf_counter() - t0, 4),
-                fallback=fallback,
-            )
-        )
     result.seconds = round(time.perf_counter() - start, 4)
     result.notes.extend(config.notes)
     return result

@@ -137,7 +137,8 @@ def qcb_guard_round_weights(
 @hookspec
 def qcb_guard_after_quantize(slots: list[WeightSlot], result: Any, config: GuardConfig) -> None:
     """Called once per guarded quantization, after every slot has its integers and the
-    framework's artefact (module, graph or ONNX file) is final.
+    framework's artefact (module, graph or ONNX file) is final. Frameworks that convert one
+    layer at a time (torch.ao eager/FX) call it after each layer with all slots so far.
 
     :param slots: the weight slots, with ``slot.integers`` set to the deployed integers.
     :param result: what the guarded flow returns to the user (module, ModelProto, path ...),
