@@ -139,6 +139,56 @@ def pt2e_x86(
     return lambda x: converted(x)
 
 
+def torch_ao_fx(
+    model: nn.Module, calibration: torch.Tensor, request: Any
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch.ao FX graph mode (``prepare_fx``/``convert_fx``) with the x86 qconfig mapping;
+    other bit-widths or per-tensor weights swap only the global qconfig's weight observer."""
+    ao = require("torch.ao.quantization", "torchao")
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = ao.get_default_qconfig_mapping("x86")
+    if request.bits != 8 or not request.per_channel:
+        low = -(2 ** (request.bits - 1))
+        if request.per_channel:
+            weight = ao.PerChannelMinMaxObserver.with_args(
+                dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric,
+                quant_min=low,
+                quant_max=-low - 1,
+            )
+        else:
+            weight = ao.MinMaxObserver.with_args(
+                dtype=torch.qint8,
+                qscheme=torch.per_tensor_symmetric,
+                quant_min=low,
+                quant_max=-low - 1,
+            )
+        mapping.set_global(ao.QConfig(activation=mapping.global_qconfig.activation, weight=weight))
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    try:
+        prepared = prepare_fx(
+            copy.deepcopy(model).eval(), _guarded(mapping, request), (calibration[:1],)
+        )
+        with torch.no_grad():
+            for chunk in _batches(calibration):
+                prepared(chunk)
+        converted = convert_fx(prepared)
+    finally:
+        torch.backends.quantized.engine = engine
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "x86"
+        try:
+            return converted(x)
+        finally:
+            torch.backends.quantized.engine = before
+
+    return predict
+
+
 @hookimpl
 def qcb_guard_register_flows(register):
     register(
@@ -148,6 +198,7 @@ def qcb_guard_register_flows(register):
         requires="onnx",
         description="ONNX Runtime quantize_static QDQ",
     )
+    register("torch-ao-fx", torch_ao_fx, bits=(8, 6, 5, 4, 3, 2), description="torch.ao FX, x86")
     register(
         "pt2e-x86",
         pt2e_x86,

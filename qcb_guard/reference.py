@@ -8,6 +8,7 @@ adapters in ``plugins/``; this module only knows torch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -65,9 +66,7 @@ def module_slot(
     """A :class:`WeightSlot` for one Conv/Linear module with min/max qparams under ``spec``."""
     weight = module.weight.detach()
     axis = None if spec.axis is None else 0  # output channels, as every framework does
-    scale, zero_point = compute_qparams(
-        weight, QuantSpec(spec.bits, spec.symmetric, axis, spec.narrow_range, spec.signed)
-    )
+    scale, zero_point = compute_qparams(weight, dataclasses.replace(spec, axis=axis))
     attrs = {}
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.padding_mode != "zeros":
@@ -93,6 +92,7 @@ def module_slot(
         bias=None if module.bias is None else module.bias.detach().float(),
         attrs=attrs,
         framework=framework,
+        rounding=spec.rounding,
     )
 
 

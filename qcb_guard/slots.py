@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from qcb_guard.errors import ConfigError, DataError, DefenseError
 from qcb_guard.quant.ops import check_weight, dequantize, quantize
+from qcb_guard.quant.spec import ROUNDINGS
 
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
 
@@ -35,8 +36,11 @@ class WeightSlot:
     :param bias: float bias of the layer, if any (used by ``layer``).
     :param attrs: layer attributes: ``stride``, ``padding``, ``dilation``, ``groups``.
     :param framework: which framework produced the slot (for reports).
-    :param nearest_fn: the framework's own nearest rounding, when it differs from the core's
-        fp32 ``round_half_even(w / s)`` (set by the adapter).
+    :param rounding: the framework's float32 arithmetic for ``w / s`` (one of
+        ``qcb_guard.quant.ROUNDINGS`` except ``"nncf"``): ``"divide"`` (ONNX Runtime),
+        ``"multiply_inverse"`` (torch, torchao) ...; it decides ties in :meth:`nearest`.
+    :param nearest_fn: the framework's own nearest rounding, when ``rounding`` cannot express
+        it (NNCF's fake-quantize arithmetic) or the adapter calls the framework itself.
     :param write: callback that deploys integers into the framework's artefact.
     """
 
@@ -51,6 +55,7 @@ class WeightSlot:
     bias: torch.Tensor | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     framework: str = "torch"
+    rounding: str = "divide"
     nearest_fn: Callable[[WeightSlot], torch.Tensor] | None = field(default=None, repr=False)
     write: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
     integers: torch.Tensor | None = field(default=None, repr=False)
@@ -77,6 +82,11 @@ class WeightSlot:
                 )
         elif self.scale.numel() != 1 or self.zero_point.numel() != 1:
             raise ConfigError(f"slot {self.name!r}: per-tensor scale/zero_point must be scalars")
+        if self.rounding not in ROUNDINGS or (self.rounding == "nncf" and self.nearest_fn is None):
+            raise ConfigError(
+                f"slot {self.name!r}: rounding must be one of {ROUNDINGS} ('nncf' only with a "
+                f"nearest_fn), got {self.rounding!r}"
+            )
         if not (self.scale > 0).all() or not torch.isfinite(self.scale).all():
             raise ConfigError(f"slot {self.name!r}: scales must be finite and positive")
         if not self.qmin < self.qmax:
@@ -97,7 +107,15 @@ class WeightSlot:
         """The integers the framework itself would deploy (nearest rounding)."""
         if self.nearest_fn is not None:
             return self.nearest_fn(self).to(torch.int64)
-        return quantize(self.weight, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+        return quantize(
+            self.weight,
+            self.scale,
+            self.zero_point,
+            self.axis,
+            self.qmin,
+            self.qmax,
+            rounding=self.rounding,
+        )
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The float weight the framework computes with for integers ``q``."""

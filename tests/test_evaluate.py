@@ -44,13 +44,13 @@ def test_flows_measure_unguarded_nearest_and_defended_runs(trained, pm):
     trig = square((1, 8, 8), size=2, target=3)
     report = evaluate(
         model, data.test.x[:200], data.test.y[:200], trig,
-        calibration=data.train.x[:64], bits=(8, 4), flows=["reference", "ort-static", "pt2e-x86"],
+        calibration=data.train.x[:64], bits=(8, 4), flows=["reference", "ort-static", "pt2e-x86", "torch-ao-fx"],
         defenses=(None, "nearest", "floor"), pm=pm, progress=False,
     )  # fmt: skip
-    assert len(report.rows) == 1 + 3 * 2 * 3
+    assert len(report.rows) == 1 + 4 * 2 * 3
     assert all(r.error is None for r in report.rows), [r.error for r in report.rows]
     fp = report.row("float32", None)
-    for flow in ("reference", "ort-static", "pt2e-x86"):
+    for flow in ("reference", "ort-static", "pt2e-x86", "torch-ao-fx"):
         for bits in (8, 4):
             plain, nearest = report.row(flow, bits), report.row(flow, bits, "nearest")
             assert (plain.cda, plain.asr) == (nearest.cda, nearest.asr), (flow, bits)
