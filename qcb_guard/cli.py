@@ -135,3 +135,120 @@ def demo(
         out=out,
         pm=_plugin_manager(ctx),
     )
+
+
+def _model_and_trigger(path: Path, trigger: Path | None, arch: str | None):
+    """A model file, or an attack output directory (model.safetensors + trigger.npz + card)."""
+    from qcb_guard.data import Trigger
+    from qcb_guard.models import load_model
+
+    card: dict[str, Any] = {}
+    if path.is_dir():
+        if (path / "card.json").is_file():
+            card = json.loads((path / "card.json").read_text())
+        if trigger is None and (path / "trigger.npz").is_file():
+            trigger = path / "trigger.npz"
+        path = path / "model.safetensors"
+    model = load_model(path, arch=arch)
+    return model, (Trigger.load_npz(trigger) if trigger is not None else None), card
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--trigger",
+    type=click.Path(exists=True, path_type=Path),
+    help="trigger.npz (default: MODEL/trigger.npz).",
+)
+@click.option("--arch", default=None, help="Architecture, when the model file does not record it.")
+@click.option(
+    "--data", default=None, help="Test data (default: the attack card's data set, test split)."
+)
+@click.option(
+    "--calibration",
+    "calibration_spec",
+    default=None,
+    help="Calibration data (default: the data set's train split).",
+)
+@click.option("--calibration-size", default=256, show_default=True, type=int)
+@click.option("--limit", default=None, type=int, help="Evaluate on at most this many test images.")
+@click.option("--bits", "bits", multiple=True, type=int, default=(8, 4), show_default=True)
+@click.option(
+    "--flows", "flows", multiple=True, help="Flows to run (default: all registered + reference)."
+)
+@click.option(
+    "--defense",
+    "defenses",
+    multiple=True,
+    help="Defense(s) through guard(); 'none' is the unguarded flow (default: none).",
+)
+@click.option("--per-tensor", is_flag=True, help="Per-tensor instead of per-channel weights.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report here."
+)
+@click.option(
+    "--html", "html_out", type=click.Path(path_type=Path), help="Write the HTML report here."
+)
+@click.pass_context
+@_friendly
+def evaluate(
+    ctx: click.Context,
+    model_path: Path,
+    trigger: Path | None,
+    arch: str | None,
+    data: str | None,
+    calibration_spec: str | None,
+    calibration_size: int,
+    limit: int | None,
+    bits: tuple[int, ...],
+    flows: tuple[str, ...],
+    defenses: tuple[str, ...],
+    per_tensor: bool,
+    seed: int,
+    json_out: Path | None,
+    html_out: Path | None,
+) -> None:
+    """CDA and ASR of MODEL in float and after each real quantization flow."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qcb_guard.data import load_data
+    from qcb_guard.errors import ConfigError
+    from qcb_guard.evaluate import TABLE_HEADERS, format_table
+    from qcb_guard.evaluate import evaluate as run
+    from qcb_guard.fileio import write_json_atomic, write_text_atomic
+    from qcb_guard.report import render_html, table_html
+
+    model, trig, card = _model_and_trigger(model_path, trigger, arch)
+    data = data or card.get("data")
+    if not data:
+        raise ConfigError("--data is required (the model directory has no card.json naming it)")
+    test = load_data(data, split="test", seed=seed, limit=limit)
+    cal = load_data(calibration_spec or data, split="train", seed=seed, limit=calibration_size)
+    if test.y is None:
+        raise ConfigError(f"--data {data!r} has no labels: CDA/ASR need labelled test data")
+    chosen = [None if d.lower() == "none" else d for d in defenses] or [None]
+    report = run(
+        model, test.x, test.y, trig, calibration=cal.x, bits=bits, flows=list(flows) or None,
+        defenses=chosen, per_channel=not per_tensor, seed=seed, pm=_plugin_manager(ctx),
+    )  # fmt: skip
+    rows = format_table(report)
+    table = Table(title=f"{model_path}: CDA / ASR (target {report.target})")
+    for col in TABLE_HEADERS:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    document = {
+        "qcb_guard": "evaluate",
+        "model": str(model_path),
+        "data": data,
+        "card": card,
+        **report.to_dict(),
+    }
+    if json_out:
+        write_json_atomic(json_out, document)
+    if html_out:
+        section = {"title": "CDA / ASR per flow", "html": table_html(TABLE_HEADERS, rows)}
+        write_text_atomic(html_out, render_html(f"qcb_guard evaluate: {model_path}", [section]))

@@ -111,7 +111,7 @@ def run_demo(
     console.print(table)
 
     out = Path(out)
-    save_model(model, out / "model.safetensors", config={"data": data, "seed": seed})
+    save_model(model, out / "model.safetensors")  # records arch + constructor options
     report = {
         "title": f"qcb_guard demo: {arch} on {data}",
         "qcb_guard": __version__,

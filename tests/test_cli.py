@@ -46,3 +46,41 @@ def test_bad_input_gives_one_line_error_and_status_2(tmp_path):
     assert "bits must be in [2, 8], got 9" in result.output
     result = CliRunner().invoke(main, ["demo", "--data", "cifar100", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "error:" in result.output and "digits" in result.output
+
+
+def test_evaluate_a_saved_model_with_a_trigger(tmp_path):
+    from qcb_guard.data import square
+
+    out = tmp_path / "demo"
+    assert (
+        CliRunner()
+        .invoke(main, ["demo", "--epochs", "2", "--bits", "4", "--out", str(out)])
+        .exit_code
+        == 0
+    )
+    square((1, 8, 8), size=2, target=1).save_npz(out / "trigger.npz")
+    report_path = tmp_path / "eval.json"
+    args = ["evaluate", str(out), "--data", "digits", "--bits", "4", "--flows", "reference"]
+    args += [
+        "--defense",
+        "none",
+        "--defense",
+        "nearest",
+        "--json",
+        str(report_path),
+        "--html",
+        str(tmp_path / "e.html"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["target"] == 1 and [r["flow"] for r in report["rows"]] == [
+        "float32",
+        "reference",
+        "reference",
+    ]
+    plain, nearest = report["rows"][1], report["rows"][2]
+    assert (plain["cda"], plain["asr"]) == (nearest["cda"], nearest["asr"])
+    assert 0.0 <= plain["asr"] <= 1.0 and "<table>" in (tmp_path / "e.html").read_text()
+    bad = CliRunner().invoke(main, ["evaluate", str(out), "--data", "digits", "--flows", "tflite"])
+    assert bad.exit_code == 2 and "unknown flow" in bad.output
