@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from qcb_guard import hookimpl
 from qcb_guard.manager import make_plugin_manager
 from qcb_guard.quant.ops import broadcast
+
+# NNCF compiles a C++ extension on first use (~25 s) under a lock in the shared torch
+# extensions cache, with a 60 s load timeout: a build killed by that timeout under load
+# leaves a stale lock that hangs every later run. Build in a private directory per test
+# session with a generous timeout instead.
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    _ext_dir = tempfile.mkdtemp(prefix="qcb_guard_torch_ext_")
+    atexit.register(shutil.rmtree, _ext_dir, ignore_errors=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = _ext_dir
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")
 
 
 def floor_integers(slot, calibration=None):
