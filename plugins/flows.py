@@ -189,6 +189,22 @@ def torch_ao_fx(
     return predict
 
 
+def nncf_torch(
+    model: nn.Module, calibration: torch.Tensor, request: Any
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Intel NNCF ``nncf.quantize`` on the torch backend (its defaults: 8-bit symmetric
+    per-channel weights, overflow fix on the first layer, fast bias correction)."""
+    nncf = require("nncf", "nncf")
+    if request.bits != 8 or not request.per_channel:
+        raise ConfigError("NNCF's nncf.quantize deploys 8-bit per-channel weights only")
+    dataset = nncf.Dataset(list(_batches(calibration)))
+    quantized = _guarded(nncf.quantize, request)(
+        copy.deepcopy(model).eval(), dataset, subset_size=len(calibration)
+    )
+    quantized.eval()
+    return lambda x: quantized(x)
+
+
 @hookimpl
 def qcb_guard_register_flows(register):
     register(
@@ -197,6 +213,13 @@ def qcb_guard_register_flows(register):
         bits=(8, 4),
         requires="onnx",
         description="ONNX Runtime quantize_static QDQ",
+    )
+    register(
+        "nncf-torch",
+        nncf_torch,
+        bits=(8,),
+        requires="nncf",
+        description="Intel NNCF, torch backend",
     )
     register("torch-ao-fx", torch_ao_fx, bits=(8, 6, 5, 4, 3, 2), description="torch.ao FX, x86")
     register(

@@ -132,8 +132,9 @@ def round_slots(
             torch.manual_seed(seed)
             nearest = slot.nearest()
             fallback = None
+            # A calibrator failure is a data problem of the whole run: raise, never fall back.
+            calibration = calibrator(slot) if (calibrator is not None and needs_data) else None
             try:
-                calibration = calibrator(slot) if (calibrator is not None and needs_data) else None
                 q, used = _choose_integers(slot, calibration, config, pm, seed)
             except Exception as exc:  # any defense failure is reported, never silent
                 if config.on_defense_error == "raise":

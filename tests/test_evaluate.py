@@ -11,6 +11,9 @@ from qcb_guard.evaluate import evaluate, format_table, metrics, module_predictor
 from qcb_guard.models import build_model, train
 
 
+FLOWS = ["reference", "ort-static", "pt2e-x86", "torch-ao-fx"]
+
+
 @pytest.fixture(scope="module")
 def trained():
     data = load_dataset("digits", seed=0)
@@ -44,13 +47,13 @@ def test_flows_measure_unguarded_nearest_and_defended_runs(trained, pm):
     trig = square((1, 8, 8), size=2, target=3)
     report = evaluate(
         model, data.test.x[:200], data.test.y[:200], trig,
-        calibration=data.train.x[:64], bits=(8, 4), flows=["reference", "ort-static", "pt2e-x86", "torch-ao-fx"],
+        calibration=data.train.x[:64], bits=(8, 4), flows=FLOWS,
         defenses=(None, "nearest", "floor"), pm=pm, progress=False,
     )  # fmt: skip
     assert len(report.rows) == 1 + 4 * 2 * 3
     assert all(r.error is None for r in report.rows), [r.error for r in report.rows]
     fp = report.row("float32", None)
-    for flow in ("reference", "ort-static", "pt2e-x86", "torch-ao-fx"):
+    for flow in FLOWS:
         for bits in (8, 4):
             plain, nearest = report.row(flow, bits), report.row(flow, bits, "nearest")
             assert (plain.cda, plain.asr) == (nearest.cda, nearest.asr), (flow, bits)
@@ -74,3 +77,18 @@ def test_errors_become_rows_and_bad_requests_fail_fast(trained, pm):
             model, x, y, calibration=x, bits=(3,), flows=["ort-static"], pm=pm, progress=False
         )
         assert "supports" in report.rows[1].error and report.rows[1].cda is None
+
+
+@pytest.mark.nncf
+def test_nncf_flow_guarded_nearest_equals_unguarded(trained, pm):
+    pytest.importorskip("nncf")
+    model, data = trained
+    report = evaluate(
+        model, data.test.x[:200], data.test.y[:200], square((1, 8, 8), size=2, target=3),
+        calibration=data.train.x[:64], bits=(8, 4), flows=["nncf-torch"],
+        defenses=(None, "nearest"), pm=pm, progress=False,
+    )  # fmt: skip
+    plain, nearest = report.row("nncf-torch", 8), report.row("nncf-torch", 8, "nearest")
+    assert plain.error is None and (plain.cda, plain.asr) == (nearest.cda, nearest.asr)
+    assert abs(plain.cda - report.row("float32", None).cda) < 0.03
+    assert "supports (8,) bits" in report.row("nncf-torch", 4).error
