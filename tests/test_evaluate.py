@@ -10,7 +10,6 @@ from qcb_guard.errors import ConfigError, DataError
 from qcb_guard.evaluate import evaluate, format_table, metrics, module_predictor
 from qcb_guard.models import build_model, train
 
-
 FLOWS = ["reference", "ort-static", "pt2e-x86", "torch-ao-fx"]
 
 
