@@ -204,9 +204,7 @@ class TestReferenceQuantizer:
     def test_calibration_reaches_defenses_per_layer(self, pm, floor_plugin):
         model = tiny_net()
         x = torch.rand(10, 1, 8, 8)
-        qmodel, _ = quantize_model(
-            model, QuantSpec(4), defense="floor-data", calibration=x, pm=pm
-        )
+        qmodel, _ = quantize_model(model, QuantSpec(4), defense="floor-data", calibration=x, pm=pm)
         seen = floor_plugin.seen
         assert list(seen) == ["0.weight", "2.weight", "5.weight"]
         # fp inputs are the float model's layer inputs; inputs come from the partly
