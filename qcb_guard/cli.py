@@ -252,3 +252,12 @@ def evaluate(
     if html_out:
         section = {"title": "CDA / ASR per flow", "html": table_html(TABLE_HEADERS, rows)}
         write_text_atomic(html_out, render_html(f"qcb_guard evaluate: {model_path}", [section]))
+
+
+def _attach_attack_command() -> None:
+    from qcb_guard.attacks.cli import attack
+
+    main.add_command(attack)
+
+
+_attach_attack_command()

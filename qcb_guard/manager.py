@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "nearest": "qcb_guard_plugins.nearest",
     "efrap": "qcb_guard_plugins.efrap",
     "flows": "qcb_guard_plugins.flows",
+    "attacks": "qcb_guard_plugins.attacks",
     "ort": "qcb_guard_plugins.adapter_ort",
     "nncf": "qcb_guard_plugins.adapter_nncf",
     "pt2e": "qcb_guard_plugins.adapter_pt2e",
