@@ -425,7 +425,9 @@ def test_config_checks_the_data(clean, digits):
 
 @pytest.fixture(scope="module")
 def pm():
-    return make_plugin_manager(autoload=False, plugins=[attacks_plugin], block=[])
+    manager = make_plugin_manager(autoload=False, block=[])  # built-ins include "attacks"
+    assert manager.get_plugin("attacks") is attacks_plugin
+    return manager
 
 
 def test_plugin_registers_every_attack(pm):
@@ -591,7 +593,7 @@ def test_attack_spec_is_lazy_and_callable():
     spec = next(a for a in ATTACKS if a.name == "quanti-backdoor")
     assert callable(spec) and spec.config_class is QuantiConfig
     with pytest.raises(PluginError):
-        make_plugin_manager(autoload=False, plugins=[attacks_plugin, _Dup()]).attacks  # noqa: B018
+        make_plugin_manager(autoload=False, plugins=[_Dup()], block=[]).attacks  # noqa: B018
 
 
 class _Dup:
