@@ -6,44 +6,14 @@ and exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from qcb_guard import __version__
-from qcb_guard.errors import QcbGuardError
-
-
-def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except QcbGuardError as exc:
-            click.echo(f"qcb-guard: error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _plugin_manager(ctx: click.Context):
-    from qcb_guard.manager import get_plugin_manager, make_plugin_manager
-
-    opts = ctx.find_root().obj or {}
-    if opts.get("block") or opts.get("no_autoload"):
-        import os
-
-        env_block = [b for b in os.environ.get("QCB_GUARD_BLOCK", "").split(",") if b]
-        return make_plugin_manager(
-            autoload=False if opts.get("no_autoload") else None,
-            block=[*env_block, *opts.get("block", ())],
-        )
-    return get_plugin_manager()
+from qcb_guard._cli_util import friendly, plugin_manager
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,10 +40,10 @@ def main(ctx: click.Context, block: tuple[str, ...], no_autoload: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-@_friendly
+@friendly
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List loaded plugins (name, version, hooks) and what they registered."""
-    pm = _plugin_manager(ctx)
+    pm = plugin_manager(ctx)
     rows = pm.describe()
     registered = {
         kind: [{"name": e.name, "plugin": e.plugin, "description": e.description} for e in reg]
@@ -113,7 +83,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     "--out", default="qcb_guard_runs/demo", show_default=True, type=click.Path(path_type=Path)
 )
 @click.pass_context
-@_friendly
+@friendly
 def demo(
     ctx: click.Context,
     data: str,
@@ -133,7 +103,7 @@ def demo(
         epochs=epochs,
         seed=seed,
         out=out,
-        pm=_plugin_manager(ctx),
+        pm=plugin_manager(ctx),
     )
 
 
@@ -191,7 +161,7 @@ def _model_and_trigger(path: Path, trigger: Path | None, arch: str | None):
     "--html", "html_out", type=click.Path(path_type=Path), help="Write the HTML report here."
 )
 @click.pass_context
-@_friendly
+@friendly
 def evaluate(
     ctx: click.Context,
     model_path: Path,
@@ -231,7 +201,7 @@ def evaluate(
     chosen = [None if d.lower() == "none" else d for d in defenses] or [None]
     report = run(
         model, test.x, test.y, trig, calibration=cal.x, bits=bits, flows=list(flows) or None,
-        defenses=chosen, per_channel=not per_tensor, seed=seed, pm=_plugin_manager(ctx),
+        defenses=chosen, per_channel=not per_tensor, seed=seed, pm=plugin_manager(ctx),
     )  # fmt: skip
     rows = format_table(report)
     table = Table(title=f"{model_path}: CDA / ASR (target {report.target})")

@@ -9,10 +9,8 @@ exits with status 2 and one line.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,22 +18,11 @@ from typing import Any
 
 import click
 
-from qcb_guard.errors import ConfigError, QcbGuardError
+from qcb_guard._cli_util import friendly, plugin_manager
+from qcb_guard.errors import ConfigError
 
 CLEAN_EPOCHS = {"digits": 15, "mnist5k": 6}
 _INTS = re.compile(r"^\d+(,\d+)*$")
-
-
-def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except QcbGuardError as exc:
-            click.echo(f"qcb-guard: error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 class _SpaceListCommand(click.Command):
@@ -55,16 +42,6 @@ class _SpaceListCommand(click.Command):
                 if values:
                     out.append(",".join(values))
         return super().parse_args(ctx, out)
-
-
-def _plugin_manager(ctx: click.Context) -> Any:
-    """A plugin manager given by the caller (``obj={"pm": pm}``) or the main group's."""
-    obj = ctx.find_root().obj or {}
-    if isinstance(obj, dict) and obj.get("pm") is not None:
-        return obj["pm"]
-    from qcb_guard.cli import _plugin_manager as main_pm
-
-    return main_pm(ctx)
 
 
 def _parse_bits(values: tuple[str, ...]) -> tuple[int, ...]:
@@ -154,10 +131,10 @@ def build_config(config_class: type, options: dict[str, Any]) -> Any:
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-@_friendly
+@friendly
 def attack(ctx: click.Context, name: str, **opts: Any) -> None:
     """Build attack NAME (see `qcb-guard plugins`) and write model, ONNX, trigger and card."""
-    pm = _plugin_manager(ctx)
+    pm = plugin_manager(ctx)
     entry = pm.attacks.get(name)  # unknown name: PluginError listing the registered ones
     spec = entry.obj
     config_class = getattr(spec, "config_class", None)
