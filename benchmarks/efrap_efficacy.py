@@ -1,0 +1,119 @@
+"""EFRAP efficacy: quantization-conditioned backdoors × real flows × defenses.
+
+For each attack, builds (or reuses) its output directory with ``qcb-guard attack``, then
+quantizes the backdoored model through every requested real flow unguarded (nearest
+rounding, the framework's default), with AdaRound and with EFRAP — always with the flow's
+own scales and zero points — and prints CDA / ASR per cell next to the float model's.
+
+    python benchmarks/efrap_efficacy.py --out benchmarks/results/efrap_efficacy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import markdown_table, pct, save
+
+from qcb_guard.data import Trigger, load_dataset
+from qcb_guard.evaluate import evaluate
+from qcb_guard.manager import make_plugin_manager
+from qcb_guard.models import load_model
+
+ATTACKS = ["quanti-backdoor", "compartifact", "pqbackdoor"]
+
+
+def build(
+    name: str, bits: list[int], arch: str, data: str, workdir: Path, extra: list[str]
+) -> Path:
+    """Run ``qcb-guard attack`` once; reuse its directory when the card exists."""
+    out = workdir / f"{name}-{arch}-{data}-w{''.join(map(str, bits))}"
+    if not (out / "card.json").is_file():
+        cmd = [sys.executable, "-m", "qcb_guard", "attack", name, "--arch", arch, "--data", data]
+        cmd += ["--bits", *map(str, bits), "--out", str(out), *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4])
+    parser.add_argument("--arch", default="smallcnn")
+    parser.add_argument("--data", default="mnist5k")
+    parser.add_argument("--flows", nargs="+", default=["ort-static", "pt2e-x86", "torch-ao-fx"])
+    parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--attack-args", nargs=argparse.REMAINDER, default=["--threads", "1"])
+    parser.add_argument("--workdir", default="benchmarks/results/attacks")
+    parser.add_argument("--out", default="benchmarks/results/efrap_efficacy.json")
+    args = parser.parse_args()
+
+    pm = make_plugin_manager(autoload=False)
+    workdir = Path(args.workdir)
+    headers = [
+        "attack",
+        "flow",
+        "bits",
+        "defense",
+        "CDA %",
+        "ASR %",
+        "float CDA %",
+        "float ASR %",
+        "s",
+    ]
+    rows, runs = [], []
+    for name in args.attacks:
+        out = build(name, args.bits, args.arch, args.data, workdir, args.attack_args)
+        card = json.loads((out / "card.json").read_text())
+        model = load_model(out / "model.safetensors")
+        trigger = Trigger.load_npz(out / "trigger.npz")
+        split = load_dataset(args.data, seed=card.get("seed", 0))
+        start = time.perf_counter()
+        report = evaluate(
+            model,
+            split.test.x,
+            split.test.y,
+            trigger,
+            calibration=split.train.x[: args.calibration],
+            bits=args.bits,
+            flows=args.flows,
+            defenses=[None, *args.defenses],
+            pm=pm,
+        )
+        fp = report.row("float32", None)
+        for r in report.rows[1:]:
+            defense = r.defense or "nearest (unguarded)"
+            rows.append(
+                [
+                    name,
+                    r.flow,
+                    r.bits,
+                    defense,
+                    pct(r.cda),
+                    pct(r.asr),
+                    pct(fp.cda),
+                    pct(fp.asr),
+                    r.seconds,
+                ]
+            )
+            if r.error:
+                print(f"{name} {r.flow} {r.bits} {defense}: {r.error}")
+        seconds = round(time.perf_counter() - start, 1)
+        card_metrics = card.get("metrics")
+        runs.append(
+            {"attack": name, "dir": str(out), "seconds": seconds, "card_metrics": card_metrics}
+            | report.to_dict()
+        )
+    print(f"\n{args.arch} on {args.data}; calibration: {args.calibration} clean training images\n")
+    print(markdown_table(headers, rows))
+    save(args.out, {"args": vars(args), "table": {"headers": headers, "rows": rows}, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
