@@ -28,6 +28,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E4
 from qcb_guard import guard, hookimpl  # noqa: E402
 from qcb_guard.errors import (  # noqa: E402
     ConfigError,
+    DataError,
     DefenseError,
     UnsupportedObjectError,
 )
@@ -411,20 +412,18 @@ def test_eager_sample_limit_and_missing_calibration(pm, floor_plugin, data, tmp_
     eager_flow(model, qconfig, data)
     assert {cal.inputs.shape[0] for cal in floor_plugin.seen.values()} == {8}
 
-    # no calibration pass (torch then warns and uses default activation qparams): the
-    # defense has no data, nearest is kept and the report says why
+    # no calibration pass (torch itself only warns and uses default activation qparams):
+    # a defense that needs data must not silently deploy nearest rounding, so convert stops
+    # with an error that says what to do
     floor_plugin.seen.clear()
-    report = tmp_path / "r.json"
-    model.qconfig = guard(tq.get_default_qconfig("x86"), defense="floor-data", pm=pm, report=report)
-    with pytest.warns(UserWarning, match="must run observer"):
-        quantized = tq.convert(tq.prepare(tq.fuse_modules(model, FUSE)))
-    nearest = eager_flow(copy.deepcopy(make_net()), tq.get_default_qconfig("x86"), data)
-    rep = json.loads(report.read_text())
-    assert rep["fallbacks"] == [f"{n}.weight" for n in LAYERS] and not floor_plugin.seen
-    assert any("no calibration inputs were recorded" in note for note in rep["notes"])
-    for name in LAYERS:
-        a, b = nearest.get_submodule(name).weight(), quantized.get_submodule(name).weight()
-        assert torch.equal(a.int_repr(), b.int_repr()) and same_qparams(a, b)
+    model.qconfig = guard(tq.get_default_qconfig("x86"), defense="floor-data", pm=pm)
+    prepared = tq.prepare(tq.fuse_modules(model, FUSE))
+    with (
+        pytest.warns(UserWarning, match="must run observer"),
+        pytest.raises(DataError, match="no calibration inputs were recorded for layer 'conv1'"),
+    ):
+        tq.convert(prepared)
+    assert not floor_plugin.seen
 
 
 # ------------------------------------------------------------------------------------------
