@@ -19,7 +19,7 @@ from _common import markdown_table, pct, save
 from qcb_guard.data import load_dataset
 from qcb_guard.evaluate import evaluate
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model, train
+from qcb_guard.models import build_model_for, train
 
 
 def main() -> None:
@@ -42,9 +42,7 @@ def main() -> None:
     for seed in args.seeds:
         data = load_dataset(args.data, seed=seed)
         torch.manual_seed(seed)
-        _, height, _ = data.train.image_shape[0], data.train.image_shape[1], None
-        options = {"pool_size": max(1, height // 4)} if args.arch.startswith("smallcnn") else {}
-        model = build_model(args.arch, data.train.image_shape[0], data.train.num_classes, **options)
+        model = build_model_for(args.arch, data.train.image_shape, data.train.num_classes)
         train(
             model, data.train.x, data.train.y, epochs=args.epochs, batch_size=64, lr=2e-3, seed=seed
         )

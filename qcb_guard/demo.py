@@ -18,7 +18,7 @@ from rich.table import Table
 from qcb_guard import __version__
 from qcb_guard.data import load_dataset
 from qcb_guard.manager import PluginManager, get_plugin_manager
-from qcb_guard.models import accuracy, build_model, save_model, train
+from qcb_guard.models import accuracy, build_model_for, save_model, train
 from qcb_guard.quant import QuantSpec
 from qcb_guard.reference import quantize_model
 from qcb_guard.report import bar_chart_svg, table_html, write_report
@@ -45,10 +45,8 @@ def run_demo(
     specs = [QuantSpec(bits=b) for b in bits]  # validates bit-widths before any work
     start = time.perf_counter()
     split = load_dataset(data, seed=seed)
-    channels, height, _ = split.train.image_shape
-    options = {"pool_size": max(1, height // 4)} if arch.startswith("smallcnn") else {}
     torch.manual_seed(seed)
-    model = build_model(arch, channels, split.train.num_classes, **options)
+    model = build_model_for(arch, split.train.image_shape, split.train.num_classes)
     epochs = epochs or DEFAULT_EPOCHS.get(data, 5)
     console.print(
         f"[bold]qcb_guard {__version__} demo[/bold]: {arch} on {data} "

@@ -174,9 +174,8 @@ def attack(ctx: click.Context, name: str, **opts: Any) -> None:
 def _clean_model(opts: dict[str, Any], split: Any, console_echo: Callable[[str], None]) -> Any:
     import torch
 
-    from qcb_guard.models import build_model, load_model, train
+    from qcb_guard.models import build_model_for, load_model, train
 
-    c, h, _ = split.train.image_shape
     if opts["base"] is not None:
         model = load_model(opts["base"])
         if getattr(model, "num_classes", None) != split.train.num_classes:
@@ -186,12 +185,12 @@ def _clean_model(opts: dict[str, Any], split: Any, console_echo: Callable[[str],
             )
         return model
     arch_kw: dict[str, Any] = {}
-    if opts["arch"].lower().replace("-", "_").startswith("smallcnn"):
-        arch_kw["pool_size"] = max(1, h // 4)  # the legacy ONNX exporter needs H//4
     if opts["width"] is not None:
         arch_kw["width"] = opts["width"]
     torch.manual_seed(opts["seed"])
-    model = build_model(opts["arch"], c, split.train.num_classes, **arch_kw)
+    model = build_model_for(
+        opts["arch"], split.train.image_shape, split.train.num_classes, **arch_kw
+    )
     epochs = opts["clean_epochs"] or CLEAN_EPOCHS.get(opts["data"], 5)
     console_echo(f"training a clean {opts['arch']} on {opts['data']} ({epochs} epochs)")
     train(

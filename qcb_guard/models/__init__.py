@@ -14,7 +14,7 @@ from qcb_guard.models.train import (
     train,
 )
 from qcb_guard.models.vgg import VGG, vgg11, vgg16
-from qcb_guard.models.zoo import ARCHITECTURES, build_model
+from qcb_guard.models.zoo import ARCHITECTURES, build_model, build_model_for
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,6 +27,7 @@ __all__ = [
     "accuracy",
     "attack_success_rate",
     "build_model",
+    "build_model_for",
     "count_parameters",
     "evaluate",
     "load_model",

@@ -54,3 +54,17 @@ def build_model(arch: str, in_channels: int, num_classes: int, **kw: Any) -> nn.
     model.qcb_arch = key
     model.qcb_config = dict(kw)
     return model
+
+
+def build_model_for(
+    arch: str, image_shape: tuple[int, int, int], num_classes: int, **kw: Any
+) -> nn.Module:
+    """:func:`build_model` for images of ``image_shape`` (C, H, W).
+
+    SmallCNN's adaptive pool must divide its feature map exactly for the legacy ONNX
+    exporter (used by the ONNX Runtime flow), so its ``pool_size`` defaults to ``H // 4``.
+    """
+    channels, height = image_shape[0], image_shape[1]
+    if canonical_arch(arch).startswith("smallcnn"):
+        kw.setdefault("pool_size", max(1, height // 4))
+    return build_model(arch, channels, num_classes, **kw)
