@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,18 @@ def write_artifacts(
     card.json to ``out``; returns the card."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = ["model.safetensors", "model.onnx", "card.json"]
+    files = ["model.safetensors", "card.json"]
+    notes = []
     save_model(result.model, out / "model.safetensors")
-    c, h, w = _input_shape(result.model, info)
-    export_onnx(result.model, out / "model.onnx", torch.zeros(1, c, h, w))
+    if available("onnx"):
+        c, h, w = _input_shape(result.model, info)
+        export_onnx(result.model, out / "model.onnx", torch.zeros(1, c, h, w))
+        files.insert(1, "model.onnx")
+    else:  # the model and trigger are still worth having; say what is missing and why
+        notes.append(
+            "model.onnx not written: onnx is not installed (pip install 'qcb-guard[onnx]')"
+        )
+        warnings.warn(notes[-1], stacklevel=2)
     if result.trigger is not None:
         result.trigger.save_npz(out / "trigger.npz")
         files.insert(2, "trigger.npz")
@@ -163,6 +172,7 @@ def write_artifacts(
         "extra": result.extra or {},
         "metrics": metrics or {},
         "files": files,
+        "notes": notes,
     }
     card = _jsonable(card)
     write_json_atomic(out / "card.json", card)
