@@ -49,6 +49,12 @@ def main() -> None:
     parser.add_argument("--flows", nargs="+", default=["ort-static", "pt2e-x86", "torch-ao-fx"])
     parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help="defense options as JSON, e.g. '{\"iters\": 500}'",
+    )
     parser.add_argument("--attack-args", nargs=argparse.REMAINDER, default=["--threads", "1"])
     parser.add_argument("--workdir", default="benchmarks/results/attacks")
     parser.add_argument("--out", default="benchmarks/results/efrap_efficacy.json")
@@ -85,6 +91,7 @@ def main() -> None:
             flows=args.flows,
             defenses=[None, *args.defenses],
             pm=pm,
+            options=args.options,
         )
         fp = report.row("float32", None)
         for r in report.rows[1:]:
