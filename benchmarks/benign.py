@@ -10,6 +10,7 @@ cell plus the defense's cost in points versus the unguarded (nearest) flow.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -32,6 +33,12 @@ def main() -> None:
     parser.add_argument("--flows", nargs="+", default=None)
     parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help="defense options as JSON, e.g. '{\"iters\": 500}'",
+    )
     parser.add_argument("--out", default="benchmarks/results/benign.json")
     args = parser.parse_args()
 
@@ -50,6 +57,7 @@ def main() -> None:
         report = evaluate(
             model, data.test.x, data.test.y, calibration=data.train.x[: args.calibration],
             bits=args.bits, flows=args.flows, defenses=[None, *args.defenses], seed=seed, pm=pm,
+            options=args.options,
         )  # fmt: skip
         runs.append(
             {"seed": seed, "seconds": round(time.perf_counter() - start, 1), **report.to_dict()}

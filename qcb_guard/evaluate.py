@@ -123,6 +123,7 @@ def _reference_flow(model: nn.Module, calibration: torch.Tensor, request: FlowRe
     from qcb_guard.reference import quantize_model
 
     spec = QuantSpec(bits=request.bits, axis=0 if request.per_channel else None)
+    options = request.options if request.defense is not None else {}  # unguarded: nearest
     qmodel, result = quantize_model(
         model,
         spec,
@@ -130,7 +131,7 @@ def _reference_flow(model: nn.Module, calibration: torch.Tensor, request: FlowRe
         calibration=calibration,
         seed=request.seed,
         pm=request.pm,
-        **request.options,
+        **options,
     )
     request.guard_result = result
     return module_predictor(qmodel)

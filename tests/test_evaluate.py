@@ -91,3 +91,13 @@ def test_nncf_flow_guarded_nearest_equals_unguarded(trained, pm):
     assert plain.error is None and (plain.cda, plain.asr) == (nearest.cda, nearest.asr)
     assert abs(plain.cda - report.row("float32", None).cda) < 0.03
     assert "supports (8,) bits" in report.row("nncf-torch", 4).error
+
+
+def test_defense_options_do_not_reach_the_unguarded_rows(trained, pm):
+    model, data = trained
+    x, y = data.test.x[:50], data.test.y[:50]
+    report = evaluate(
+        model, x, y, calibration=data.train.x[:32], bits=(4,), flows=["reference"],
+        defenses=(None, "efrap"), options={"iters": 20, "min_iters": 0}, pm=pm, progress=False,
+    )  # fmt: skip
+    assert [r.error for r in report.rows] == [None, None, None]
