@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -47,3 +48,15 @@ def pct(v: float | None) -> float | None:
 
 def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def add_defense_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--defenses``, ``--calibration`` and ``--options``, shared by the defense benchmarks."""
+    parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help="defense options as JSON, e.g. '{\"iters\": 500}'",
+    )

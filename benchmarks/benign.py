@@ -10,12 +10,11 @@ cell plus the defense's cost in points versus the unguarded (nearest) flow.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from _common import markdown_table, pct, save
+from _common import add_defense_arguments, markdown_table, pct, save
 
 from qcb_guard.data import load_dataset
 from qcb_guard.evaluate import evaluate
@@ -31,14 +30,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--flows", nargs="+", default=None)
-    parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
-    parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument(
-        "--options",
-        type=json.loads,
-        default={},
-        help="defense options as JSON, e.g. '{\"iters\": 500}'",
-    )
+    add_defense_arguments(parser)
     parser.add_argument("--out", default="benchmarks/results/benign.json")
     args = parser.parse_args()
 

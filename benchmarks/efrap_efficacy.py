@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import markdown_table, pct, save
+from _common import add_defense_arguments, markdown_table, pct, save
 
 from qcb_guard.data import Trigger, load_dataset
 from qcb_guard.evaluate import evaluate
@@ -47,14 +47,7 @@ def main() -> None:
     parser.add_argument("--arch", default="smallcnn")
     parser.add_argument("--data", default="mnist5k")
     parser.add_argument("--flows", nargs="+", default=["ort-static", "pt2e-x86", "torch-ao-fx"])
-    parser.add_argument("--defenses", nargs="+", default=["adaround", "efrap"])
-    parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument(
-        "--options",
-        type=json.loads,
-        default={},
-        help="defense options as JSON, e.g. '{\"iters\": 500}'",
-    )
+    add_defense_arguments(parser)
     parser.add_argument("--attack-args", nargs=argparse.REMAINDER, default=["--threads", "1"])
     parser.add_argument("--workdir", default="benchmarks/results/attacks")
     parser.add_argument("--out", default="benchmarks/results/efrap_efficacy.json")
