@@ -49,6 +49,8 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         kind: [{"name": e.name, "plugin": e.plugin, "description": e.description} for e in reg]
         for kind, reg in (
             ("defenses", pm.defenses),
+            ("activation_defenses", pm.activation_defenses),
+            ("training_defenses", pm.training_defenses),
             ("attacks", pm.attacks),
             ("adapters", pm.adapters),
         )

@@ -53,6 +53,42 @@ def qcb_guard_register_defenses(register: Register) -> None:
 
 
 @hookspec
+def qcb_guard_register_activation_defenses(register: Register) -> None:
+    """Register activation defenses: protections of the *activation ranges* a static flow
+    calibrates, which no weight-rounding defense reaches.
+
+    Called when the activation-defense registry is first built (``guard()`` on a static
+    flow, ``qcb-guard plugins``).
+
+    :param register: ``register(name, defense, *, description="")``.
+        ``defense(model, calibration, *, seed, **options)`` receives a float
+        ``torch.nn.Module`` (never modified; an ONNX model arrives converted to torch) and the
+        flow's calibration inputs ``[N, ...]``, and returns an
+        :class:`~qcb_guard.activation.ActivationDefenseResult` whose ``inputs`` are appended
+        to the flow's calibration data, so that the framework's own observers calibrate every
+        range over them. It must reject unknown options with a ``ConfigError``.
+    :return: nothing; all implementations are called.
+    """
+
+
+@hookspec
+def qcb_guard_register_training_defenses(register: Register) -> None:
+    """Register training-time defenses (quantization-aware training objectives).
+
+    Called when the training-defense registry is first built (``qcb-guard robustness``,
+    ``qcb-guard plugins``, ``qcb_guard.robustness``).
+
+    :param register: ``register(name, defense, *, description="")``.
+        ``defense(model, train, *, bits, seed, **options)`` receives a float
+        ``torch.nn.Module`` (never modified) and a labelled
+        :class:`~qcb_guard.data.DataSplit`, and returns a new trained ``torch.nn.Module``
+        ready for any of the torch flows. It must reject unknown options with a
+        ``ConfigError``.
+    :return: nothing; all implementations are called.
+    """
+
+
+@hookspec
 def qcb_guard_register_attacks(register: Register) -> None:
     """Register attacks (red-team implants and evaluations).
 

@@ -142,6 +142,18 @@ class PluginManager(pluggy.PluginManager):
         return self._registry("defense", "qcb_guard_register_defenses", check_callable)
 
     @property
+    def activation_defenses(self) -> Registry:
+        return self._registry(
+            "activation defense", "qcb_guard_register_activation_defenses", check_callable
+        )
+
+    @property
+    def training_defenses(self) -> Registry:
+        return self._registry(
+            "training defense", "qcb_guard_register_training_defenses", check_callable
+        )
+
+    @property
     def attacks(self) -> Registry:
         return self._registry("attack", "qcb_guard_register_attacks", check_callable)
 
