@@ -233,3 +233,12 @@ def _attach_attack_command() -> None:
 
 
 _attach_attack_command()
+
+
+def _attach_robustness_command() -> None:
+    from qcb_guard.robustness.cli import robustness
+
+    main.add_command(robustness)
+
+
+_attach_robustness_command()

@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "efrap": "qcb_guard_plugins.efrap",
     "flows": "qcb_guard_plugins.flows",
     "attacks": "qcb_guard_plugins.attacks",
+    "robustness": "qcb_guard_plugins.robustness",
     "ort": "qcb_guard_plugins.adapter_ort",
     "nncf": "qcb_guard_plugins.adapter_nncf",
     "pt2e": "qcb_guard_plugins.adapter_pt2e",

@@ -90,7 +90,10 @@ def build_config(config_class: type, options: dict[str, Any]) -> Any:
 @click.option("--arch", default="smallcnn", show_default=True, help="Model architecture.")
 @click.option("--data", default="mnist5k", show_default=True, help="Bundled data set.")
 @click.option(
-    "--bits", multiple=True, default=("4",), show_default=True, help="Bit-widths (e.g. 8 4)."
+    "--bits",
+    multiple=True,
+    default=(),
+    help="Bit-widths (e.g. 8 4); default: the attack's own (4; quanti-static 8).",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option(
@@ -137,6 +140,14 @@ def attack(ctx: click.Context, name: str, **opts: Any) -> None:
     pm = plugin_manager(ctx)
     entry = pm.attacks.get(name)  # unknown name: PluginError listing the registered ones
     spec = entry.obj
+    from qcb_guard.attacks import KINDS
+
+    kind = entry.options.get("kind", getattr(spec, "kind", None))
+    if kind not in KINDS:
+        raise ConfigError(
+            f"attack {name!r} is of kind {kind!r}, not an implant: "
+            f"run it with `qcb-guard robustness --attacks {name} --json OUT`"
+        )
     config_class = getattr(spec, "config_class", None)
     if config_class is None:
         raise ConfigError(f"attack {name!r} (plugin {entry.plugin}) has no config_class")
@@ -147,7 +158,6 @@ def attack(ctx: click.Context, name: str, **opts: Any) -> None:
     info = DATASETS[opts["data"]]
     options: dict[str, Any] = {
         "framework": opts["framework"],
-        "bits": _parse_bits(opts["bits"]),
         "target": opts["target"],
         "trigger": opts["trigger"],
         "trigger_size": opts["trigger_size"],
@@ -157,6 +167,8 @@ def attack(ctx: click.Context, name: str, **opts: Any) -> None:
         "image_shape": info.image_shape,
         "progress": not opts["quiet"],
     }
+    if opts["bits"]:
+        options["bits"] = _parse_bits(opts["bits"])
     for key in ("epochs", "lr", "max_steps", "per_channel"):
         if opts[key] is not None:
             options[key] = opts[key]
