@@ -34,6 +34,7 @@ import torch
 
 from qcb_guard import hookimpl
 from qcb_guard._compat import require
+from qcb_guard.activation import skipped
 from qcb_guard.errors import (
     ConfigError,
     DataError,
@@ -174,6 +175,13 @@ def _run(
         "calibration": data.source,
     }
     result.notes.extend(flow.notes)
+    if config.activation_defense is not None:
+        why = (
+            "not wired into the NNCF adapter yet: activation ranges come from NNCF's "
+            "calibration alone (use the PT2E or ONNX Runtime flow for range probing)"
+        )
+        result.extra["activation_defense"] = skipped(config, why)
+        result.notes.append(f"activation defense skipped: {why}")
     if flow.skipped:
         warnings.warn(
             f"guard(nncf.quantize): {len(flow.skipped)} weight(s) NNCF quantized keep NNCF's "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from qcb_guard import hookimpl
 from qcb_guard._compat import require
+from qcb_guard.activation import TURNED_OFF, skipped
 from qcb_guard.errors import ConfigError, ModelFileError, UnsupportedObjectError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -175,6 +176,61 @@ def _check_supported(call: _Call) -> None:
         raise ConfigError(
             "extra_options EnableSubgraph=True: weights inside subgraphs are not guarded"
         )
+
+
+def _list_reader(feeds: list[dict]) -> Any:
+    """A CalibrationDataReader over recorded feeds (also serves ORT's strided calibration)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class ListReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self._it, None)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(feeds[start_index:end_index])
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    return ListReader()
+
+
+def _with_probes(
+    reader: Any, fp_model: Any, config: GuardConfig, pm: PluginManager
+) -> tuple[list[dict], Any, dict[str, Any]]:
+    """Drain the user's reader, run the activation defense on the float model (converted to
+    torch), and return the user's feeds, a reader over feeds + probe feeds, and the report
+    entry. The probes only reach ORT's calibrators, never the rounding defense."""
+    import numpy as np
+    import torch
+    from qcb_guard_plugins import _onnx_util as ou
+
+    from qcb_guard.activation import run_activation_defense
+
+    feeds = ou.feeds_from(reader, fp_model)
+    names = {name for feed in feeds for name in feed}
+    if len(names) != 1:
+        why = f"the model has {len(names)} inputs; range probing needs one image input"
+        return feeds, _list_reader(feeds), skipped(config, why)
+    (name,) = names
+    x = torch.from_numpy(np.concatenate([f[name] for f in feeds]).astype(np.float32))
+    probes, entry = run_activation_defense(fp_model, x, config, pm)
+    if probes is None or len(probes) == 0:
+        return feeds, _list_reader(feeds), entry
+    dims = ou.graph_inputs(fp_model)[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    if fixed and len(probes) % fixed:  # a fixed batch: pad with repeats (ranges unchanged)
+        pad = fixed - len(probes) % fixed
+        probes = torch.cat([probes, probes[-1:].expand(pad, *probes.shape[1:])])
+    dtype = feeds[0][name].dtype
+    extra = [{name: chunk.numpy().astype(dtype)} for chunk in probes.split(fixed or 64)]
+    return feeds, _list_reader(feeds + extra), entry
 
 
 def _tee(reader: Any) -> Any:
@@ -562,7 +618,14 @@ def _run(
         # ORT saves a ModelProto input with save_as_external_data=True, which moves the
         # caller's large initializers out of their proto: hand ORT a copy instead.
         args["model_input"] = copy.deepcopy(model_input)
-    tee = _tee(call.reader) if call.reader is not None else None
+    reader, drained = call.reader, None
+    if reader is None:
+        activation = skipped(config, "dynamic flow: no static activation ranges to protect")
+    elif config.activation_defense is None:
+        activation = TURNED_OFF
+    else:
+        drained, reader, activation = _with_probes(reader, fp_model, config, pm)
+    tee = _tee(reader) if reader is not None else None
     if tee is not None:
         if entry == "quantize":
             cfg = copy.copy(arguments["quant_config"])
@@ -579,7 +642,8 @@ def _run(
         returned = fn(**args)
         q_model = onnx.load(str(tmp_out))
         items, notes, unreached, dirty = _build_slots(fp_model, q_model, call)
-        feeds = tee.feeds if tee is not None and tee.feeds else []
+        # The rounding defense learns from the user's data, never from the probes.
+        feeds = drained if drained is not None else (tee.feeds if tee is not None else [])
         source = f"calibration_data_reader ({len(feeds)} feeds)" if feeds else None
         if not feeds and config.calibration is not None:
             feeds = ou.feeds_from(config.calibration, fp_model)
@@ -589,6 +653,7 @@ def _run(
         result = round_slots(slots, config, pm=pm, calibrator=calibrator, framework=FRAMEWORK)
         result.notes.extend(notes + unreached)
         result.extra["unguarded_weights"] = unreached
+        result.extra["activation_defense"] = activation
         for note in unreached:
             warnings.warn(f"qcb_guard: {note}", stacklevel=3)
         result.extra.update(

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from qcb_guard import hookimpl
 from qcb_guard._compat import require
+from qcb_guard.activation import TURNED_OFF, skipped
 from qcb_guard.errors import ConfigError, DataError, DefenseError, UnsupportedObjectError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -185,6 +186,14 @@ class _Session:
     fp_graph: Graph | None = None
     batch_sizes: list[int | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    probe: bool = False  # an activation defense runs before the first observer converts
+    recording: bool = True
+    activation: dict[str, Any] | None = None
+
+    @property
+    def records(self) -> bool:
+        """Whether the graph inputs of the calibration forwards are recorded."""
+        return self.needs_data or self.probe
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Session:
         return self
@@ -217,6 +226,56 @@ def _truncated_module(model: GraphModule, fp_graph: Graph, input_name: str) -> t
             graph.erase_node(node)
     graph.eliminate_dead_code()
     return GraphModule(model, graph)
+
+
+def _float_module(model: GraphModule, fp_graph: Graph) -> torch.nn.Module:
+    """The whole float graph as a module (for the activation defense's gradients)."""
+    from torch.fx import Graph, GraphModule
+
+    graph = Graph()
+    graph.output(graph.graph_copy(fp_graph, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn"):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return GraphModule(model, graph)
+
+
+def _probe_once(model: GraphModule, session: _Session) -> None:
+    """Called by the first observer ``convert_pt2e`` converts (weight observers or input
+    recorders, whichever comes first): the last moment every observer still observes."""
+    if session.probe and session.activation is None:
+        _probe_ranges(model, session)
+
+
+def _probe_ranges(model: GraphModule, session: _Session) -> None:
+    """Run the activation defense on the float graph and feed its inputs through the prepared
+    model, so that every activation observer sees them before ``convert_pt2e`` reads it."""
+    import torch
+
+    from qcb_guard.activation import run_activation_defense
+
+    batches = _recorded_batches(model, session) or _explicit_batches(session)
+    if not batches or len(batches[0]) != 1:
+        session.activation = skipped(
+            session.config, "no single-input calibration forwards were recorded"
+        )
+        return
+    x = torch.cat([b[0] for b in batches]).to(torch.float32)
+    fp = _float_module(model, session.fp_graph)
+    probes, session.activation = run_activation_defense(fp, x, session.config, session.pm)
+    if probes is None or len(probes) == 0:
+        return
+    size = session.batch_sizes[0] if session.batch_sizes else None
+    if size and len(probes) % size:  # a static batch: pad with repeats (ranges unchanged)
+        probes = torch.cat([probes, probes[-1:].expand(size - len(probes) % size, *x.shape[1:])])
+    session.recording = False
+    try:
+        with torch.no_grad():
+            for chunk in probes.split(size or 256):
+                model(chunk.to(batches[0][0].dtype))
+    finally:
+        session.recording = True
 
 
 def _layer_inputs(
@@ -430,6 +489,7 @@ def _round_model(model: GraphModule, session: _Session) -> None:
     result.notes.extend(session.notes)
     result.extra["quantizer"] = session.quantizer
     result.extra["calibration"] = source if calibrator is not None else None
+    result.extra["activation_defense"] = session.activation if session.probe else TURNED_OFF
     for _, module in guarded:
         module.deployed = True
     for module in model.modules():  # free the recorded inputs
@@ -505,6 +565,7 @@ def _classes() -> dict[str, type]:
             round every guarded weight (first call), then insert the framework's q/dq nodes
             exactly as it would have for the wrapped observer."""
             if not self.deployed:
+                _probe_once(model, self.session)
                 _round_model(model, self.session)
             attrs = model.meta["_observed_graph_module_attrs"]
             pt2e_convert._replace_observer_with_quantize_dequantize_node_decomposed(
@@ -531,7 +592,7 @@ def _classes() -> dict[str, type]:
             self.samples = 0
 
         def forward(self, x):
-            if self.samples < self.session.max_samples:
+            if self.session.recording and self.samples < self.session.max_samples:
                 self.batches.append(x.detach().clone())
                 self.samples += x.shape[0] if x.dim() else 1
             return x
@@ -540,6 +601,7 @@ def _classes() -> dict[str, type]:
             raise RuntimeError("CalibrationRecorder does not quantize")
 
         def convert(self, model: GraphModule, node: Node) -> None:
+            _probe_once(model, self.session)
             source = node.args[0]
             node.replace_all_uses_with(source)
             model.graph.erase_node(node)
@@ -574,9 +636,10 @@ def _classes() -> dict[str, type]:
             needs_data=self.qcb_needs_data,
             max_samples=int(self.max_calibration_samples),
             quantizer=f"{type(self.quantizer).__module__}.{type(self.quantizer).__qualname__}",
+            probe=self.qcb_config.activation_defense is not None,
         )
         env: dict[Node, Node] = {}
-        if session.needs_data:
+        if session.records:
             session.fp_graph, env = _float_graph(model)
         guarded: set[Node] = set()
         for node in model.graph.nodes:
@@ -625,7 +688,7 @@ def _classes() -> dict[str, type]:
                         f"node {node.name!r} quantizes constant {source.target!r}, which is not "
                         "a Conv/Linear weight: left at the framework's nearest rounding"
                     )
-        if session.needs_data:
+        if session.records:
             add_recorders(model, session)
 
     def make_recorder(session: _Session, index: int, added: bool, kwargs: dict) -> Any:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qcb_guard import hookimpl
+from qcb_guard.activation import skipped
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -52,6 +53,11 @@ _QCONFIG_TYPES = {
     ("torch.ao.quantization.qconfig", "QConfigDynamic"),
 }
 _MAPPING_TYPE = ("torch.ao.quantization.qconfig_mapping", "QConfigMapping")
+#: Honest until range probing is wired in here (ONNX Runtime and PT2E have it).
+_NO_ACTIVATION_DEFENSE = (
+    "not wired into the torch.ao adapter yet: activation ranges come from the calibration "
+    "data alone (use the PT2E or ONNX Runtime flow for range probing)"
+)
 _QUANTIZE_DYNAMIC = ("torch.ao.quantization.quantize", "quantize_dynamic")
 _MAPPING_DICTS = (
     "object_type_qconfigs",
@@ -513,6 +519,9 @@ class _Session:
 
         result = GuardResult(framework=FRAMEWORK, defense=self.config.defense)
         result.extra.update(flow=flow, engine=torch.backends.quantized.engine)
+        if self.config.activation_defense is not None:
+            result.extra["activation_defense"] = skipped(self.config, _NO_ACTIVATION_DEFENSE)
+            result.notes.append(f"activation defense skipped: {_NO_ACTIVATION_DEFENSE}")
         return result
 
     def run_for(self, located: _Located) -> _Run:

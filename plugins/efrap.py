@@ -51,5 +51,17 @@ def adaround(
 
 @hookimpl
 def qcb_guard_register_defenses(register):
-    register("efrap", efrap, needs_calibration=True, configurable=True)
-    register("adaround", adaround, needs_calibration=True, configurable=True)
+    register(
+        "efrap",
+        efrap,
+        needs_calibration=True,
+        configurable=True,
+        validate=lambda options: _config(EFRAPConfig, "efrap", options),
+    )
+    register(
+        "adaround",
+        adaround,
+        needs_calibration=True,
+        configurable=True,
+        validate=lambda options: _config(AdaRoundConfig, "adaround", options),
+    )

@@ -8,7 +8,9 @@ flows only; a missing one gives ``MissingFrameworkError`` naming the extra.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -61,6 +63,19 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice ("consider pre-processing ...") on the root logger
+    at every call; an evaluation runs it dozens of times, so silence it for the call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def ort_static(
     model: nn.Module, calibration: torch.Tensor, request: Any
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -88,15 +103,16 @@ def ort_static(
             f"ONNX Runtime quantize_static has no {request.bits}-bit weight type (8 or 4)"
         )
     out = work / "model.int.onnx"
-    _guarded(q.quantize_static, request)(
-        str(fp_path),
-        str(out),
-        Reader(),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=request.per_channel,
-        weight_type=weight_type,
-        activation_type=q.QuantType.QUInt8,
-    )
+    with _quiet_root_logger():
+        _guarded(q.quantize_static, request)(
+            str(fp_path),
+            str(out),
+            Reader(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=request.per_channel,
+            weight_type=weight_type,
+            activation_type=q.QuantType.QUInt8,
+        )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return lambda batch: torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
 

@@ -9,10 +9,15 @@ flow's calibration data, so the framework's own observers, unchanged, calibrate 
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from qcb_guard.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - adapters import this module before torch is needed
+    import torch
 
 
 @dataclass
@@ -33,6 +38,8 @@ class ActivationDefenseResult:
 
     def check(self, calibration: torch.Tensor, name: str) -> torch.Tensor:
         """Validate ``inputs`` against the calibration batch; return them on success."""
+        import torch
+
         x = self.inputs
         if not isinstance(x, torch.Tensor):
             kind = type(x).__name__
@@ -50,3 +57,51 @@ class ActivationDefenseResult:
         if not torch.isfinite(x).all():
             raise ValueError(f"activation defense {name!r} returned non-finite inputs")
         return x.detach()
+
+
+#: Report entry of a static flow run with ``activation_defense=None``.
+TURNED_OFF: dict[str, Any] = {"defense": None, "note": "turned off (activation_defense=None)"}
+
+
+def run_activation_defense(
+    model: Any, calibration: torch.Tensor, config: Any, pm: Any
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Run ``config.activation_defense`` for a static flow.
+
+    Returns the extra calibration inputs (``None`` when turned off or failed) and the report
+    entry for ``GuardResult.extra["activation_defense"]``. A failing defense stops the run when
+    ``config.on_defense_error == "raise"``; otherwise the flow calibrates on its own data, and
+    the report and a warning say so: never silently.
+    """
+    name = config.activation_defense
+    if name is None:
+        return None, dict(TURNED_OFF)
+    entry = pm.activation_defenses.get(name)
+    start = time.perf_counter()
+    try:
+        result = entry.obj(model, calibration, seed=config.seed, **config.activation_options)
+        inputs = result.check(calibration, name)
+    except ConfigError:
+        raise  # the user's options are wrong: never a fallback
+    except Exception as exc:
+        if config.on_defense_error == "raise":
+            raise
+        why = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"qcb_guard: activation defense {name!r} failed, activation ranges come from the "
+            f"calibration data alone ({why})",
+            stacklevel=3,
+        )
+        return None, {"defense": name, "failed": why, "probes": 0}
+    return inputs, {
+        "defense": name,
+        "probes": int(inputs.shape[0]),
+        "calibration": int(calibration.shape[0]),
+        "seconds": round(time.perf_counter() - start, 3),
+        "notes": list(result.notes),
+    }
+
+
+def skipped(config: Any, why: str) -> dict[str, Any]:
+    """Report entry for flows that have no static activation ranges to protect."""
+    return {"defense": config.activation_defense, "skipped": why}

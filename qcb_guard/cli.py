@@ -78,35 +78,35 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     "--data", default="digits", show_default=True, help="Bundled data set: digits or mnist5k."
 )
 @click.option("--arch", default="smallcnn", show_default=True, help="Model architecture.")
-@click.option("--bits", "bits", multiple=True, type=int, default=(8, 4), show_default=True)
+@click.option("--bits", default=4, show_default=True, type=int, help="Weight bit-width.")
+@click.option(
+    "--flow",
+    default="ort-static",
+    show_default=True,
+    help="Real quantization flow: ort-static, nncf-torch, pt2e-x86, torch-ao-fx, reference.",
+)
+@click.option("--attack", default="quanti-backdoor", show_default=True, help="Backdoor to implant.")
+@click.option(
+    "--defense",
+    "defenses",
+    multiple=True,
+    help="Defense(s) to compare with the unguarded flow (default: guard()'s, efrap).",
+)
 @click.option("--epochs", default=None, type=int, help="Training epochs (default: per data set).")
+@click.option("--attack-epochs", default=None, type=int, help="Attack epochs (default: per data).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--out", default="qcb_guard_runs/demo", show_default=True, type=click.Path(path_type=Path)
 )
 @click.pass_context
 @friendly
-def demo(
-    ctx: click.Context,
-    data: str,
-    arch: str,
-    bits: tuple[int, ...],
-    epochs: int | None,
-    seed: int,
-    out: Path,
-) -> None:
-    """Run the whole story on the embedded default data and model."""
+def demo(ctx: click.Context, defenses: tuple[str, ...], **opts: Any) -> None:
+    """The whole story on the embedded default: implant a QCB, quantize it through a real
+    flow without and with guard(), and report CDA/ASR (table, report.json, report.html)."""
+    from qcb_guard.config import DEFAULT_DEFENSE
     from qcb_guard.demo import run_demo
 
-    run_demo(
-        data=data,
-        arch=arch,
-        bits=list(bits),
-        epochs=epochs,
-        seed=seed,
-        out=out,
-        pm=plugin_manager(ctx),
-    )
+    run_demo(defenses=defenses or (DEFAULT_DEFENSE,), pm=plugin_manager(ctx), **opts)
 
 
 def _model_and_trigger(path: Path, trigger: Path | None, arch: str | None):

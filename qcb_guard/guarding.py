@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qcb_guard.config import DEFAULT_DEFENSE, GuardConfig
+from qcb_guard.config import DEFAULT_ACTIVATION_DEFENSE, DEFAULT_DEFENSE, GuardConfig
 from qcb_guard.errors import ConfigError, DefenseError, UnsupportedObjectError
 from qcb_guard.fileio import write_json_atomic
 from qcb_guard.manager import PluginManager, get_plugin_manager
@@ -79,11 +79,15 @@ def _choose_integers(
 
 
 def check_options(entry: Entry, config: GuardConfig) -> None:
-    """Refuse options for a defense that takes none (before any framework work starts)."""
+    """Refuse bad options before any framework work starts: options for a defense that takes
+    none, and whatever the defense's own ``validate`` callback rejects."""
     if config.options and not entry.options.get("configurable", False):
         raise ConfigError(
             f"defense {config.defense!r} takes no options, got {', '.join(sorted(config.options))}"
         )
+    validate = entry.options.get("validate")
+    if validate is not None:
+        validate(dict(config.options))
 
 
 def round_slots(
@@ -111,7 +115,8 @@ def round_slots(
     if needs_data and calibrator is None:
         raise DefenseError(
             f"defense {config.defense!r} needs calibration data and this flow has none: "
-            "pass calibration=<tensor of inputs> to guard()"
+            "pass calibration=<tensor of inputs> to guard() (a few hundred unlabelled "
+            "inputs), or defense='nearest' to keep the framework's own rounding"
         )
     result = GuardResult(
         framework=framework or (slots[0].framework if slots else ""), defense=config.defense
@@ -137,7 +142,7 @@ def round_slots(
             try:
                 q, used = _choose_integers(slot, calibration, config, pm, seed)
             except Exception as exc:  # any defense failure is reported, never silent
-                if config.on_defense_error == "raise":
+                if config.on_defense_error == "raise" or isinstance(exc, ConfigError):
                     raise
                 q, used, fallback = nearest, "nearest", f"{type(exc).__name__}: {exc}"
                 result.notes.append(
@@ -172,7 +177,10 @@ def finish(
         findings = pm.hook.qcb_guard_scan(
             slots=slots, calibration=config.calibration, config=config
         )
-        result.extra["scan"] = [f for found in findings if found for f in found]
+        from qcb_guard.scanner import combine, finding_dict
+
+        result.extra["scan"] = [finding_dict(f) for found in findings if found for f in found]
+        result.extra["scan_verdict"] = combine(result.extra["scan"])
     if config.report is not None:
         write_json_atomic(config.report, {"qcb_guard": "guard", **result.to_dict()})
 
@@ -185,6 +193,8 @@ def guard(
     report: Any = None,
     calibration: Any = None,
     seed: int = 0,
+    activation_defense: str | None = DEFAULT_ACTIVATION_DEFENSE,
+    activation_options: dict[str, Any] | None = None,
     pm: PluginManager | None = None,
     **options: Any,
 ) -> Any:
@@ -192,7 +202,9 @@ def guard(
 
     ``obj`` is a quantization entry point or object of a supported framework (see
     ``qcb-guard plugins`` for the installed adapters): the result is used exactly like
-    ``obj``, but the deployed weight integers come from ``defense``.
+    ``obj``, but the deployed weight integers come from ``defense`` and, in static flows, the
+    calibration data also holds the inputs of ``activation_defense`` (``None`` turns it off).
+    Extra keywords are options of ``defense``.
     """
     pm = pm or get_plugin_manager()
     config = GuardConfig(
@@ -202,8 +214,12 @@ def guard(
         calibration=calibration,
         seed=seed,
         options=options,
+        activation_defense=activation_defense,
+        activation_options=dict(activation_options or {}),
     )
     check_options(pm.defenses.get(config.defense), config)  # fail before touching the framework
+    if config.activation_defense is not None:
+        pm.activation_defenses.get(config.activation_defense)  # unknown name: fail now
     for entry in pm.adapters:
         if entry.obj.matches(obj):
             return entry.obj.wrap(obj, config, pm)

@@ -41,13 +41,17 @@ def qcb_guard_register_defenses(register: Register) -> None:
     ``qcb_guard.get_defense``).
 
     :param register: ``register(name, defense, *, needs_calibration=False,
-        configurable=False, description="")``. ``defense(slot, calibration)`` receives a
-        :class:`~qcb_guard.slots.WeightSlot` and a :class:`~qcb_guard.slots.SlotCalibration`
-        (``None`` unless the defense declared ``needs_calibration=True``) and returns the integer
-        weights: a tensor of ``slot.weight``'s shape with values in ``[slot.qmin, slot.qmax]``.
-        A ``configurable`` defense is also called with keyword arguments: ``seed`` (derived
-        from ``guard(seed=...)`` and the slot's position) and every extra keyword the user gave
-        ``guard()``; it must reject unknown ones with a ``ConfigError``.
+        configurable=False, validate=None, description="")``.
+        ``defense(slot, calibration)`` receives a :class:`~qcb_guard.slots.WeightSlot` and
+        a :class:`~qcb_guard.slots.SlotCalibration` (``None`` unless the defense declared
+        ``needs_calibration=True``) and returns the integer weights: a tensor of
+        ``slot.weight``'s shape with values in ``[slot.qmin, slot.qmax]``. A
+        ``configurable`` defense is also called with keyword arguments: ``seed`` (derived
+        from ``guard(seed=...)`` and the slot's position) and every extra keyword the user
+        gave ``guard()``; it must reject unknown ones with a ``ConfigError``.
+        ``validate(options)``, if given, is called by ``guard()`` before the framework runs,
+        so bad options fail before any work (a ``ConfigError`` is never turned into a
+        per-layer fallback).
     :return: nothing; all implementations are called.
     """
 

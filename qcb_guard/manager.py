@@ -49,6 +49,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "nncf": "qcb_guard_plugins.adapter_nncf",
     "pt2e": "qcb_guard_plugins.adapter_pt2e",
     "torch-ao": "qcb_guard_plugins.adapter_torch_ao",
+    "range-probe": "qcb_guard_plugins.range_probe",
 }
 
 

@@ -59,6 +59,7 @@ ATTACK_NAMES = [
     "quanti-federated",
     "compartifact",
     "pqbackdoor",
+    "quanti-static",
 ]
 
 
@@ -448,7 +449,7 @@ def _invoke(pm, args):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nope"], "unknown attack 'nope'; registered: compartifact, pqbackdoor"),
+        (["nope"], "unknown attack 'nope'; registered: compartifact, fgsm,"),
         (["quanti-backdoor", "--data", "digits", "--trigger-size", "9"], "larger than"),
         (
             [

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from qcb_guard.cli import main
@@ -24,40 +26,52 @@ def test_blocking_a_plugin_from_the_command_line():
     assert "nearest" not in {p["name"] for p in json.loads(result.output)["plugins"]}
 
 
-def test_demo_runs_and_writes_reports(tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        main, ["demo", "--epochs", "3", "--bits", "8", "--bits", "4", "--out", str(out)]
-    )
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's main job as it ships (real ONNX Runtime int4 flow, ~1-2 min on 2 cores):
+    fewer epochs leave the implanted backdoor too weak to show anything."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("demo")
+    args = ["demo", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_implants_a_qcb_that_guard_keeps_dormant(demo_run):
+    out, output = demo_run
     report = json.loads((out / "report.json").read_text())
-    fp = report["rows"][0]
-    assert fp["model"] == "float32" and fp["cda"] > 0.5
-    eight = next(r for r in report["rows"] if r["bits"] == 8 and r["defense"] == "nearest")
-    assert abs(eight["cda"] - fp["cda"]) < 0.05  # 8-bit weights barely move a trained model
+    rows = {(r["model"], r["defense"]): r for r in report["rows"]}
+    assert report["flow"] == "ort-static" and report["defenses"] == ["efrap"]
+    clean_fp, bad_fp = rows["clean", "-"], rows["backdoored", "-"]
+    woke, guarded = rows["backdoored", "none (nearest)"], rows["backdoored", "efrap"]
+    assert clean_fp["cda"] > 0.85 and rows["clean", "efrap"]["cda"] > clean_fp["cda"] - 0.03
+    assert bad_fp["asr"] < 0.3 < 0.7 < woke["asr"]  # dormant in float, awake once quantized
+    assert guarded["asr"] < 0.1 and guarded["cda"] > bad_fp["cda"] - 0.05
+    assert "wakes the backdoor" in report["story"] and "guard(efrap)" in output
     html = (out / "report.html").read_text()
-    assert html.startswith("<!doctype html>") and "<svg" in html
+    assert html.startswith("<!doctype html>") and html.count("<svg") >= 2
     assert (out / "model.safetensors").stat().st_size > 10_000
+    assert (out / "trigger.npz").is_file()
 
 
 def test_bad_input_gives_one_line_error_and_status_2(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--bits", "9", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "bits must be in [2, 8], got 9" in result.output
+    result = CliRunner().invoke(main, ["demo", "--flow", "tflite", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown flow 'tflite'" in result.output
+    result = CliRunner().invoke(main, ["demo", "--attack", "fgsm", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "needs a backdoor attack" in result.output
     result = CliRunner().invoke(main, ["demo", "--data", "cifar100", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "error:" in result.output and "digits" in result.output
 
 
-def test_evaluate_a_saved_model_with_a_trigger(tmp_path):
+def test_evaluate_a_saved_model_with_a_trigger(tmp_path, demo_run):
     from qcb_guard.data import square
 
     out = tmp_path / "demo"
-    assert (
-        CliRunner()
-        .invoke(main, ["demo", "--epochs", "2", "--bits", "4", "--out", str(out)])
-        .exit_code
-        == 0
-    )
+    shutil.copytree(demo_run[0], out)
     square((1, 8, 8), size=2, target=1).save_npz(out / "trigger.npz")
     report_path = tmp_path / "eval.json"
     args = ["evaluate", str(out), "--data", "digits", "--bits", "4", "--flows", "reference"]

@@ -168,7 +168,7 @@ class TestRoundSlots:
         pm.register(Recorder())
         a, b = make_slot(torch.randn(2, 3)), make_slot(torch.randn(2, 3))
         b.name = "w2"
-        round_slots([a, b], GuardConfig(), pm=pm, progress=False)
+        round_slots([a, b], GuardConfig(defense="nearest"), pm=pm, progress=False)
         assert calls == [("before", 2), ("round", "w"), ("round", "w2")]
 
 
@@ -250,3 +250,10 @@ def test_report_is_written_atomically(tmp_path, pm):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["defense"] == "floor" and data["slots"][0]["name"] == "w"
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.json"]
+
+
+def test_default_defense_is_efrap_and_needs_data(pm):
+    """guard()'s default is EFRAP; a flow without data says how to give it or opt out."""
+    assert GuardConfig().defense == "efrap"
+    with pytest.raises(DefenseError, match=r"calibration=.*defense='nearest'"):
+        round_slots([make_slot(torch.randn(4, 3))], GuardConfig(), pm=pm, progress=False)

@@ -4,8 +4,8 @@ NNCF's "Post-Training Quantization" example for PyTorch, step for step (wrap the
 ``DataLoader`` in an ``nncf.Dataset`` with a ``transform_fn``, call ``nncf.quantize``), with
 exactly one line added: the ``from qcb_guard import guard; ...`` line. With it, the weight
 integers NNCF's fake quantizers deploy come from a registered rounding defense
-(``defense="nearest"``, the default, reproduces NNCF bit for bit; pass e.g.
-``defense="efrap"`` once such a defense is registered) and ``nncf_report.json`` records what
+(EFRAP by default, trained on the calibration data the flow already has;
+``defense="nearest"`` reproduces NNCF bit for bit) and ``nncf_report.json`` records what
 changed. Two substitutions keep it runnable offline: torchvision's model and ImageFolder
 (torchvision cannot be installed beside torch 2.13 CPU here) are a tiny CNN and random images.
 

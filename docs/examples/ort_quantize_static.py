@@ -4,8 +4,8 @@ The script is the usual ORT flow (export a model, write a ``CalibrationDataReade
 ``quantize_static``, benchmark the result). qcb_guard adds one line, the
 ``from qcb_guard import guard; ...`` line before ``main`` (anywhere before the call works):
 with it, the weight integers in ``model.quant.onnx`` come from a registered rounding defense
-(``defense="nearest"``, the default, reproduces ORT bit for bit; pass e.g. ``defense="efrap"``
-once such a defense is registered) and ``qcb_guard.json`` records what changed.
+(EFRAP by default, trained on the calibration data the flow already has;
+``defense="nearest"`` reproduces ORT bit for bit) and ``qcb_guard.json`` records what changed.
 
 Run it with ``python docs/examples/ort_quantize_static.py`` (writes into the current directory).
 """

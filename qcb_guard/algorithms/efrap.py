@@ -36,16 +36,17 @@ class EFRAPConfig:
         0.015 was measured to balance the layer-output error, see ``docs/efrap.md``).
     :param error_unit: ``"step"`` (``e = |W/s − round(W/s)|``, scale-free, default) or
         ``"weight"`` (``e = |W − Q(W)|``, the official code).
-    :param error_granularity: ``"element"`` (official code) or ``"neuron"`` (the paper's
-        neuron-wise error norm: every weight of an output channel shares ``‖e_channel‖₂``,
-        normalised by the channel's size).
+    :param error_granularity: ``"neuron"`` (the paper's neuron-wise error norm, §4.2: every
+        weight of an output channel shares ``‖e_channel‖₂``, normalised by the channel's size;
+        default, measured better on every efficacy row, docs/benchmarks.md) or ``"element"``
+        (the official code).
     :param schedule: the layer-wise optimisation schedule.
     """
 
     round_weight: float = 0.01
     flip_weight: float = 0.015
     error_unit: str = "step"
-    error_granularity: str = "element"
+    error_granularity: str = "neuron"
     schedule: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ quanti-targeted          Qu-ANTI-zation chosen-sample misclassification  ``quant
 quanti-federated         Qu-ANTI-zation through FedAvg clients           ``federated``
 compartifact             CompArtifact two-headed QAT (Tian et al. 2022)  ``compartifact``
 pqbackdoor               PQBackdoor poison + bin-projected fine-tune     ``pqbackdoor``
+quanti-static            Qu-ANTI-zation in static activation ranges      ``quanti_static``
 =======================  ==============================================  ===============
 """
 
@@ -99,6 +100,13 @@ ATTACKS: tuple[AttackSpec, ...] = (
         _P + "pqbackdoor:PQBackdoorConfig",
         "backdoor",
         "PQBackdoor: poison, then unlearn in float inside the original rounding bins",
+    ),
+    AttackSpec(
+        "quanti-static",
+        _P + "quanti_static:quanti_static",
+        _P + "quanti_static:QuantiStaticConfig",
+        "backdoor",
+        "Qu-ANTI-zation in static activation ranges: suppressors clipped by calibration",
     ),
 )
 
