@@ -271,6 +271,28 @@ def test_patch_is_pasted_trained_and_mapped(digits):
     assert len(grid) == 3 and len(grid[0]) == 3 and all(0 <= v <= 1 for r in grid for v in r)
     with pytest.raises(ConfigError, match="does not fit"):
         train_patch(model, split.train.x, split.train.y, PatchConfig(size=9), seed=0)
+    with pytest.raises(ConfigError, match="placement"):
+        PatchConfig(placement="corner")
+
+
+def test_centre_patch_takes_over_float_and_4_bit_models(digits):
+    """A real effect: a 4×4 patch at the centre of 8×8 digits, optimised on the float model
+    for 100 steps, turns most non-target test images into the target class, on the float
+    model and (transferred) on its 4-bit fake-quantized version; seeded noise does not."""
+    split, model = digits
+    tx, ty = split.test.x, split.test.y
+    config = PatchConfig(size=4, target=8, steps=100, placement="center")
+    trained = train_patch(model, split.train.x, split.train.y, config, seed=0)
+    assert torch.equal(trained, train_patch(model, split.train.x, split.train.y, config, seed=0))
+    q4 = FakeQuantModel.calibrated(model, QuantConfig(4), split.train.x[:256])
+    noise = torch.rand(trained.shape, generator=torch.Generator().manual_seed(1))
+    asr = {}
+    for name, m in (("fp", model), ("q4", q4)):
+        asr[name] = patch_asr(m, tx, ty, trained, 8, placement="center")
+        assert asr[name] >= 0.8, asr
+        assert asr[name] >= patch_asr(m, tx, ty, noise, 8, placement="center") + 0.4
+    corners = spatial_map(model, tx, ty, trained, 8, stride=4)  # (0,0) (0,4) (4,0) (4,4)
+    assert max(v for row in corners for v in row) < asr["fp"] - 0.2  # the centre is where
 
 
 # --------------------------------------------------------------------------- the command
@@ -312,6 +334,8 @@ def test_robustness_command_writes_json_and_html(tmp_path, rpm):
         "20",
         "--patch-size",
         "3",
+        "--patch-placement",
+        "center",
         "--queries",
         "200",
         "--knockoff-epochs",
@@ -339,6 +363,7 @@ def test_robustness_command_writes_json_and_html(tmp_path, rpm):
     assert fgsm_curves[("fp", "white-box")][1] < report["models"][0]["clean"]
     patch = report["patch"]["patch"]
     assert len(patch["asr"]) == len(patch["sources"]) and "ort-static-8" in patch["targets"]
+    assert patch["placement"] == "center"
     assert set(patch["spatial"]["maps"]) == {"fp", "q2"}
     rows = report["extraction"]["knockoff"]["rows"]
     assert len(rows) == 3 * 2 * 2 and all(0 <= r["fidelity"] <= 1 for r in rows)

@@ -125,6 +125,13 @@ def _options(values: tuple[str, ...], what: str) -> dict[str, dict[str, Any]]:
 @click.option("--patch-size", type=int, default=None, help="Patch side (default 0.3·H).")
 @click.option("--patch-target", type=int, default=0, show_default=True)
 @click.option("--patch-steps", type=int, default=300, show_default=True)
+@click.option(
+    "--patch-placement",
+    type=click.Choice(["random", "center"]),
+    default="random",
+    show_default=True,
+    help="Where patches go: uniform random per image, or fixed at the centre.",
+)
 @click.option("--patch-archs", multiple=True, help="Other float architectures to transfer from.")
 @click.option("--spatial-stride", type=int, default=2, show_default=True)
 @click.option("--queries", type=int, default=2000, show_default=True, help="Knockoff budget.")
@@ -169,6 +176,7 @@ def robustness(ctx: click.Context, **opts: Any) -> None:
         patch_size=opts["patch_size"],
         patch_target=opts["patch_target"],
         patch_steps=opts["patch_steps"],
+        patch_placement=opts["patch_placement"],
         patch_archs=tuple(_split(opts["patch_archs"])),
         spatial_stride=opts["spatial_stride"],
         knockoff_bits=opts["knockoff_bits"],

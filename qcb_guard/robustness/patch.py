@@ -1,11 +1,15 @@
 """Universal adversarial patches (Brown et al. 2017, "Adversarial Patch") against float and
-quantized models: one targeted patch that works on any image at a random location.
+quantized models: one targeted patch that works on any image.
 
 Brown et al. §2 maximise ``E_{x∼X, l∼L}[log Pr(ŷ | A(p, x, l))]`` over the patch ``p``, with
-``A`` pasting ``p`` at location ``l``. Here the expectation over locations is sampled per image
-and per step (Adam on ``p``, kept in [0, 1]); rotations and scaling of the paper's EOT are
-omitted (deviation, docs/robustness.md): digits are small and centred, and the study is about
-bit-widths, not physical robustness. Optimising through a
+``A`` pasting ``p`` at location ``l``. Two location distributions ``L``: ``placement="random"``
+samples ``l`` uniformly per image and per step (the paper's EOT over placements), and
+``placement="center"`` fixes ``l`` at the image centre (the fixed-location setting of
+LaVAN-style localized patches, Karmon et al. 2018). Adam on ``p``, kept in [0, 1];
+rotations and scaling of the paper's EOT are omitted (deviation, docs/robustness.md): digits
+are small and centred, and the study is about bit-widths, not physical robustness. On
+SmallCNN (a fully connected head over a 7×7 feature map, so not translation invariant)
+random-placement patches stay weak; see docs/benchmarks.md. Optimising through a
 :class:`~qcb_guard.robustness.fakequant.FakeQuantModel` gives the "quantized-model" patch
 (straight-through gradients).
 """
@@ -25,15 +29,18 @@ from tqdm.auto import tqdm
 from qcb_guard.errors import ConfigError, DataError
 
 __all__ = [
+    "PLACEMENTS",
     "PatchConfig",
     "apply_patch",
     "patch_asr",
+    "placements",
     "random_positions",
     "spatial_map",
     "train_patch",
 ]
 
 Predictor = Callable[[Tensor], Tensor]
+PLACEMENTS = ("random", "center")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +48,8 @@ class PatchConfig:
     """A square patch of ``size`` pixels pushed towards class ``target``.
 
     ``size=None`` means ``round(0.3·H)`` (about 9 % of the image area, within Brown et al.'s
-    range); ``steps`` Adam steps of ``batch_size`` images each at learning rate ``lr``.
+    range); ``steps`` Adam steps of ``batch_size`` images each at learning rate ``lr``;
+    ``placement`` is ``"random"`` (uniform over every place it fits) or ``"center"``.
     """
 
     size: int | None = None
@@ -49,6 +57,7 @@ class PatchConfig:
     steps: int = 300
     batch_size: int = 64
     lr: float = 0.1
+    placement: str = "random"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +71,7 @@ class PatchConfig:
             raise ConfigError(f"patch size must be an int >= 1, got {self.size!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        check_placement(self.placement)
 
     def side(self, image_shape: tuple[int, ...]) -> int:
         h, w = image_shape[-2:]
@@ -76,6 +86,24 @@ def random_positions(n: int, height: int, width: int, size: int, generator: torc
     rows = torch.randint(0, height - size + 1, (n,), generator=generator)
     cols = torch.randint(0, width - size + 1, (n,), generator=generator)
     return rows, cols
+
+
+def check_placement(placement: Any) -> str:
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    return placement
+
+
+def placements(
+    n: int, height: int, width: int, size: int, placement: str, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` top-left corners for ``placement``: uniform (``random``) or the centre."""
+    if check_placement(placement) == "random":
+        return random_positions(n, height, width, size, generator)
+    return (
+        torch.full((n,), (height - size) // 2, dtype=torch.long),
+        torch.full((n,), (width - size) // 2, dtype=torch.long),
+    )
 
 
 def apply_patch(x: Tensor, patch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -123,7 +151,7 @@ def train_patch(
     try:
         for _ in tqdm(range(config.steps), desc="patch", disable=not config.progress, leave=False):
             idx = torch.randint(0, len(pool), (config.batch_size,), generator=generator)
-            rows, cols = random_positions(config.batch_size, h, w, size, generator)
+            rows, cols = placements(config.batch_size, h, w, size, config.placement, generator)
             out = model(apply_patch(pool[idx], patch, rows, cols))
             loss = F.cross_entropy(out, target)  # −log Pr(ŷ | A(p, x, l))
             opt.zero_grad(set_to_none=True)
@@ -162,13 +190,14 @@ def patch_asr(
     *,
     seed: int = 0,
     batch_size: int = 500,
+    placement: str = "random",
 ) -> float:
     """ASR: share of non-target images classified ``target`` with the patch at a random
-    (seeded, so every model sees the same placements) location."""
+    (seeded, so every model sees the same placements) location, or at the centre."""
     pool = _non_target(x, y, target)
     _, _, h, w = pool.shape
-    rows, cols = random_positions(
-        len(pool), h, w, patch.shape[-1], torch.Generator().manual_seed(seed)
+    rows, cols = placements(
+        len(pool), h, w, patch.shape[-1], placement, torch.Generator().manual_seed(seed)
     )
     hits = 0
     for i in range(0, len(pool), batch_size):
@@ -223,6 +252,7 @@ def describe(config: PatchConfig, image_shape: tuple[int, ...]) -> dict[str, Any
         "steps": config.steps,
         "batch_size": config.batch_size,
         "lr": config.lr,
+        "placement": config.placement,
     }
 
 
@@ -238,8 +268,17 @@ class PatchAttack:
         return train_patch(model, x, y, make_config(PatchConfig, options), seed=seed)
 
     @staticmethod
-    def asr(predict: Any, x: Tensor, y: Tensor, patch: Tensor, target: int, *, seed: int = 0):
-        return patch_asr(predict, x, y, patch, target, seed=seed)
+    def asr(
+        predict: Any,
+        x: Tensor,
+        y: Tensor,
+        patch: Tensor,
+        target: int,
+        *,
+        seed: int = 0,
+        placement: str = "random",
+    ):
+        return patch_asr(predict, x, y, patch, target, seed=seed, placement=placement)
 
     @staticmethod
     def spatial(predict: Any, x: Tensor, y: Tensor, patch: Tensor, target: int, *, stride: int = 1):

@@ -251,7 +251,7 @@ def _patch_sections(report: dict[str, Any]) -> list[dict[str, str]]:
         images = "".join(image_svg(p, title=src) for src, p in block["patches"].items())
         intro = (
             f"<p>Target class {block['target']}, {block['size']}×{block['size']} patch, "
-            f"{block['steps']} Adam steps, random placement.</p>"
+            f"{block['steps']} Adam steps, {block.get('placement', 'random')} placement.</p>"
         )
         out.append(
             {"title": f"Patch: {name}", "html": intro + heat + maps + "<div>" + images + "</div>"}

@@ -53,6 +53,8 @@ class StudyConfig:
     :param attack_options: per attack, keyword options (e.g. ``{"pgd": {"steps": 40}}``).
     :param flows: real framework flows the float model is quantized with (transfer targets).
     :param test_size: test images used (the first ones of the seeded split).
+    :param patch_placement: ``random`` (uniform over every place, per image) or ``center``
+        (one fixed place), for optimising and measuring patches alike.
     :param patch_archs: extra float architectures whose patches are transferred.
     :param knockoff_bits: bit-width of the extraction victims (default 8 if studied, else
         the largest); ``knockoff_flow`` deploys them through a real flow instead of the
@@ -76,6 +78,7 @@ class StudyConfig:
     patch_size: int | None = None
     patch_target: int = 0
     patch_steps: int = 300
+    patch_placement: str = "random"
     patch_archs: tuple[str, ...] = ()
     spatial_stride: int = 2
     spatial_size: int = 200
@@ -106,6 +109,9 @@ class StudyConfig:
         _int("test_size", self.test_size, 1)
         _int("patch_steps", self.patch_steps, 1)
         _int("patch_target", self.patch_target, 0)
+        from qcb_guard.robustness.patch import check_placement
+
+        check_placement(self.patch_placement)
         _int("spatial_stride", self.spatial_stride, 1)
         _int("spatial_size", self.spatial_size, 1)
         _int("queries", self.queries, 1)
@@ -390,6 +396,9 @@ def _patch(config, attack, variants, flows, train, x, y, fresh, trained, echo) -
         "size": config.patch_size,
         "progress": config.progress,
     }
+    where: dict[str, Any] = {}
+    if config.patch_placement != "random":  # third-party patch attacks may not take it
+        options["placement"] = where["placement"] = config.patch_placement
     sources: list[tuple[str, nn.Module]] = [
         (v.name, v.model) for v in variants if v.defense is None
     ]
@@ -404,7 +413,7 @@ def _patch(config, attack, variants, flows, train, x, y, fresh, trained, echo) -
         patches[name] = attack(model, train.x, train.y, seed=config.seed, **options)
     asr = [
         [
-            attack.asr(model, x, y, patches[s], config.patch_target, seed=config.seed)
+            attack.asr(model, x, y, patches[s], config.patch_target, seed=config.seed, **where)
             for _, model in targets
         ]
         for s, _ in sources
@@ -421,6 +430,7 @@ def _patch(config, attack, variants, flows, train, x, y, fresh, trained, echo) -
         "target": config.patch_target,
         "size": int(patches["fp"].shape[-1]),
         "steps": config.patch_steps,
+        "placement": config.patch_placement,
         "sources": [s for s, _ in sources],
         "targets": [t for t, _ in targets],
         "asr": asr,
