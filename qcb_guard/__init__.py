@@ -22,6 +22,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "make_plugin_manager",
+    "scan",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qcb_guard.guarding import guard
     from qcb_guard.manager import get_plugin_manager, make_plugin_manager
     from qcb_guard.quant.spec import QuantSpec
+    from qcb_guard.scanner import scan
     from qcb_guard.slots import SlotCalibration, WeightSlot
 
 _LAZY = {
@@ -36,6 +38,7 @@ _LAZY = {
     "guard": "qcb_guard.guarding",
     "get_plugin_manager": "qcb_guard.manager",
     "make_plugin_manager": "qcb_guard.manager",
+    "scan": "qcb_guard.scanner",
     "QuantSpec": "qcb_guard.quant.spec",
     "SlotCalibration": "qcb_guard.slots",
     "WeightSlot": "qcb_guard.slots",

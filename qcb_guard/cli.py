@@ -242,3 +242,12 @@ def _attach_robustness_command() -> None:
 
 
 _attach_robustness_command()
+
+
+def _attach_scan_command() -> None:
+    from qcb_guard.scanner.cli import scan
+
+    main.add_command(scan)
+
+
+_attach_scan_command()

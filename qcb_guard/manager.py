@@ -50,6 +50,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "pt2e": "qcb_guard_plugins.adapter_pt2e",
     "torch-ao": "qcb_guard_plugins.adapter_torch_ao",
     "range-probe": "qcb_guard_plugins.range_probe",
+    "scan": "qcb_guard_plugins.scan",
 }
 
 
