@@ -211,7 +211,7 @@ def _with_probes(
     import torch
     from qcb_guard_plugins import _onnx_util as ou
 
-    from qcb_guard.activation import run_activation_defense
+    from qcb_guard.activation import fill_batches, run_activation_defense
 
     feeds = ou.feeds_from(reader, fp_model)
     names = {name for feed in feeds for name in feed}
@@ -225,9 +225,7 @@ def _with_probes(
         return feeds, _list_reader(feeds), entry
     dims = ou.graph_inputs(fp_model)[0].type.tensor_type.shape.dim
     fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
-    if fixed and len(probes) % fixed:  # a fixed batch: pad with repeats (ranges unchanged)
-        pad = fixed - len(probes) % fixed
-        probes = torch.cat([probes, probes[-1:].expand(pad, *probes.shape[1:])])
+    probes = fill_batches(probes, fixed)
     dtype = feeds[0][name].dtype
     extra = [{name: chunk.numpy().astype(dtype)} for chunk in probes.split(fixed or 64)]
     return feeds, _list_reader(feeds + extra), entry

@@ -253,7 +253,7 @@ def _probe_ranges(model: GraphModule, session: _Session) -> None:
     model, so that every activation observer sees them before ``convert_pt2e`` reads it."""
     import torch
 
-    from qcb_guard.activation import run_activation_defense
+    from qcb_guard.activation import fill_batches, run_activation_defense
 
     batches = _recorded_batches(model, session) or _explicit_batches(session)
     if not batches or len(batches[0]) != 1:
@@ -267,8 +267,7 @@ def _probe_ranges(model: GraphModule, session: _Session) -> None:
     if probes is None or len(probes) == 0:
         return
     size = session.batch_sizes[0] if session.batch_sizes else None
-    if size and len(probes) % size:  # a static batch: pad with repeats (ranges unchanged)
-        probes = torch.cat([probes, probes[-1:].expand(size - len(probes) % size, *x.shape[1:])])
+    probes = fill_batches(probes, size)
     session.recording = False
     try:
         with torch.no_grad():

@@ -105,3 +105,14 @@ def run_activation_defense(
 def skipped(config: Any, why: str) -> dict[str, Any]:
     """Report entry for flows that have no static activation ranges to protect."""
     return {"defense": config.activation_defense, "skipped": why}
+
+
+def fill_batches(inputs: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """Pad ``inputs`` with repeats of the last one to a multiple of a model's fixed batch size
+    (a repeated input changes no min/max range)."""
+    import torch
+
+    if not batch or len(inputs) % batch == 0:
+        return inputs
+    pad = batch - len(inputs) % batch
+    return torch.cat([inputs, inputs[-1:].expand(pad, *inputs.shape[1:])])

@@ -198,3 +198,13 @@ def test_pt2e_range_probe_widens_ranges(model, data, tmp_path, pm):
     entry = json.loads(report.read_text())["extra"]["activation_defense"]
     assert entry["defense"] == "range-probe" and entry["probes"] > 0
     assert np.isfinite(entry["seconds"])
+
+
+def test_fill_batches_pads_with_repeats_to_a_fixed_batch():
+    from qcb_guard.activation import fill_batches
+
+    x = torch.arange(10.0).reshape(5, 2)
+    padded = fill_batches(x, 4)
+    assert padded.shape == (8, 2) and torch.equal(padded[:5], x)
+    assert torch.equal(padded[5:], x[-1:].expand(3, 2))  # repeats: no range moves
+    assert fill_batches(x, None) is x and fill_batches(x, 5) is x
