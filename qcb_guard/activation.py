@@ -103,7 +103,7 @@ def run_activation_defense(
 
 
 def skipped(config: Any, why: str) -> dict[str, Any]:
-    """Report entry for flows that have no static activation ranges to protect."""
+    """Report entry for a flow that does not run the activation defense, and why."""
     return {"defense": config.activation_defense, "skipped": why}
 
 
