@@ -5,9 +5,10 @@
    ONNX Runtime by default): dormant in float, live once quantized.
 3. Quantize the clean and the backdoored model through that flow, unguarded and through
    ``guard()`` (EFRAP by default), with the flow's own scales and zero points.
-4. Report clean accuracy (CDA) and attack success (ASR) as a table, ``report.json`` and
-   ``report.html``; the backdoored model and its trigger are saved next to them so anyone can
-   check the result with their own tools.
+4. Scan both float models without the trigger (``qcb_guard.scan`` on the flow's grid).
+5. Report clean accuracy (CDA), attack success (ASR) and the scanner's verdicts as a table,
+   ``report.json`` and ``report.html``; the backdoored model and its trigger are saved next to
+   them so anyone can check the result with their own tools.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from qcb_guard.manager import PluginManager, get_plugin_manager
 from qcb_guard.models import build_model_for, save_model, train
 from qcb_guard.quant import QuantSpec
 from qcb_guard.report import bar_chart_svg, table_html, write_report
+from qcb_guard.scanner import scan
 
 DEFAULT_EPOCHS = {"digits": 15, "mnist5k": 4}
 #: Attack epochs: the Qu-ANTI-zation objective needs more passes over 1.4k digits than 4.5k MNIST.
@@ -165,6 +167,22 @@ def run_demo(
     )
     console.print(story)
 
+    # What a user could have known before quantizing: the scanner, without the trigger.
+    grid = FLOW_CONVENTION[flow]
+    console.print(f"4. scanning both float models, without the trigger ({grid} grid)")
+    scans = {}
+    for label, model in (("clean", clean), ("backdoored", implanted.model)):
+        found = scan(
+            model,
+            calibration=calibration,
+            frameworks=[grid],
+            bits=[bits],
+            seed=seed,
+            pm=pm,
+        )
+        scans[label] = {"verdict": found.verdict, "score": round(found.score, 4)}
+        console.print(f"   {label}: {found.verdict} (score {found.score:.3f})")
+
     out = Path(out)
     save_model(implanted.model, out / "model.safetensors")  # arch + options recorded
     trigger.save_npz(out / "trigger.npz")
@@ -184,12 +202,21 @@ def run_demo(
         "target": int(trigger.target),
         "story": story,
         "rows": rows,
+        "scan": scans,
         "seconds": round(time.perf_counter() - start, 2),
     }
     labels = [f"{r['model']} · {r['defense']}" for r in rows]
     headers = ["model", "quantization", "defense", "CDA", "ASR", "seconds"]
     sections = [
         {"title": "What happened", "html": f"<p>{story}</p>"},
+        {
+            "title": "Scanner verdicts (float models, no trigger given)",
+            "html": table_html(
+                ["model", "verdict", "score"],
+                [[k, v["verdict"], v["score"]] for k, v in scans.items()],
+                ["bad" if v["verdict"] == "suspicious" else "good" for v in scans.values()],
+            ),
+        },
         {
             "title": "Clean accuracy and attack success",
             "html": table_html(

@@ -49,6 +49,9 @@ def test_demo_implants_a_qcb_that_guard_keeps_dormant(demo_run):
     assert bad_fp["asr"] < 0.3 < 0.7 < woke["asr"]  # dormant in float, awake once quantized
     assert guarded["asr"] < 0.1 and guarded["cda"] > bad_fp["cda"] - 0.05
     assert "wakes the backdoor" in report["story"] and "guard(efrap)" in output
+    # the scanner, without the trigger, tells the two float models apart
+    assert report["scan"]["clean"]["verdict"] == "clean"
+    assert report["scan"]["backdoored"]["verdict"] == "suspicious"
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and html.count("<svg") >= 2
     assert (out / "model.safetensors").stat().st_size > 10_000
