@@ -25,6 +25,8 @@ from qcb_guard.manager import make_plugin_manager
 from qcb_guard.models import load_model
 
 ATTACKS = ["quanti-backdoor", "compartifact", "pqbackdoor"]
+#: ``--attacks quanti-indiscriminate quanti-targeted``: restoration rows (CDA; victims for
+#: targeted, in the ASR column).
 
 
 def build(
@@ -71,24 +73,39 @@ def main() -> None:
         out = build(name, args.bits, args.arch, args.data, workdir, args.attack_args)
         card = json.loads((out / "card.json").read_text())
         model = load_model(out / "model.safetensors")
-        trigger = Trigger.load_npz(out / "trigger.npz")
+        # Indiscriminate attacks have no trigger (CDA is the measure); targeted ones name
+        # their victims, whose misclassification rate fills the ASR column.
+        path = out / "trigger.npz"
+        trigger = Trigger.load_npz(path) if path.is_file() else None
+        victims = card.get("victim_test_indices")
         split = load_dataset(args.data, seed=card.get("seed", 0))
         start = time.perf_counter()
-        report = evaluate(
-            model,
-            split.test.x,
-            split.test.y,
-            trigger,
-            calibration=split.train.x[: args.calibration],
-            bits=args.bits,
-            flows=args.flows,
-            defenses=[None, *args.defenses],
-            pm=pm,
-            options=args.options,
-        )
+
+        def run(x, y, trig, model=model, split=split):
+            return evaluate(
+                model,
+                x,
+                y,
+                trig,
+                calibration=split.train.x[: args.calibration],
+                bits=args.bits,
+                flows=args.flows,
+                defenses=[None, *args.defenses],
+                pm=pm,
+                options=args.options,
+            )
+
+        report = run(split.test.x, split.test.y, trigger)
+        hit = None
+        if victims:
+            hit = run(split.test.x[victims], split.test.y[victims], None).rows
         fp = report.row("float32", None)
-        for r in report.rows[1:]:
+        fp_asr = fp.asr if hit is None else 1 - hit[0].cda
+        for i, r in enumerate(report.rows):
+            if i == 0:
+                continue
             defense = r.defense or "nearest (unguarded)"
+            asr = r.asr if hit is None else 1 - hit[i].cda
             rows.append(
                 [
                     name,
@@ -96,9 +113,9 @@ def main() -> None:
                     r.bits,
                     defense,
                     pct(r.cda),
-                    pct(r.asr),
+                    pct(asr),
                     pct(fp.cda),
-                    pct(fp.asr),
+                    pct(fp_asr),
                     r.seconds,
                 ]
             )
