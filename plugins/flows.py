@@ -8,9 +8,7 @@ flows only; a missing one gives ``MissingFrameworkError`` naming the extra.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -21,7 +19,7 @@ import torch
 from torch import nn
 
 from qcb_guard import hookimpl
-from qcb_guard._compat import require
+from qcb_guard._compat import quiet_root_logger, require
 from qcb_guard.errors import ConfigError
 
 CALIBRATION_BATCH = 32
@@ -63,19 +61,6 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs advice ("consider pre-processing ...") on the root logger
-    at every call; an evaluation runs it dozens of times, so silence it for the call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def ort_static(
     model: nn.Module, calibration: torch.Tensor, request: Any
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -103,7 +88,7 @@ def ort_static(
             f"ONNX Runtime quantize_static has no {request.bits}-bit weight type (8 or 4)"
         )
     out = work / "model.int.onnx"
-    with _quiet_root_logger():
+    with quiet_root_logger():
         _guarded(q.quantize_static, request)(
             str(fp_path),
             str(out),

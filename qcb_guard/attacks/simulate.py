@@ -15,7 +15,6 @@ The module also holds the real ONNX Runtime flow (:func:`export_onnx`, :func:`or
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from qcb_guard._compat import require
+from qcb_guard._compat import quiet_root_logger, require
 from qcb_guard.errors import ConfigError, DataError
 from qcb_guard.fileio import atomic_write
 from qcb_guard.quant import QuantSpec, compute_qparams, convention, fake_quantize
@@ -538,18 +537,6 @@ def export_onnx(model: nn.Module, path: str | Path, sample: Tensor, opset: int =
     return atomic_write(path, write)
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs advice at WARNING on the root logger on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def ort_quantize(
     model_path: str | Path,
     out_path: str | Path,
@@ -585,7 +572,7 @@ def ort_quantize(
             return next(self.batches, None)
 
     def write(tmp: Path) -> None:
-        with _quiet_root_logger():
+        with quiet_root_logger():
             oq.quantize_static(
                 str(model_path),
                 str(tmp),
