@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,16 @@ class GuardConfig:
             self.report = Path(self.report)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+
+
+def config_from(cls: type, options: dict[str, Any], what: str = "option") -> Any:
+    """``cls(**options)`` for a config dataclass; unknown keys are a ConfigError that names
+    them and the allowed ones (CLI ``--set``, plugin options)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what}(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"allowed: {', '.join(sorted(names))}"
+        )
+    return cls(**options)

@@ -8,7 +8,6 @@ exits with status 2 and one line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import click
 
 from qcb_guard._cli_util import friendly, plugin_manager
+from qcb_guard.config import config_from
 from qcb_guard.errors import ConfigError
 
 CLEAN_EPOCHS = {"digits": 15, "mnist5k": 6}
@@ -75,14 +75,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
 
 def build_config(config_class: type, options: dict[str, Any]) -> Any:
     """The attack's config from CLI values; unknown keys name the allowed ones."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join(unknown)} for {config_class.__name__}; "
-            f"allowed: {', '.join(sorted(names))}"
-        )
-    return config_class(**options)
+    return config_from(config_class, options, "parameter")
 
 
 @click.command("attack", cls=_SpaceListCommand)

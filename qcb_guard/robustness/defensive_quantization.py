@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from qcb_guard.attacks.simulate import quantizable
+from qcb_guard.config import config_from
 from qcb_guard.errors import ConfigError
-from qcb_guard.robustness.qat import QATConfig, QATResult, make_config, qat
+from qcb_guard.robustness.qat import QATConfig, QATResult, qat
 
 __all__ = ["DQConfig", "defensive_quantization", "gram_residual", "orthogonality_penalty"]
 
@@ -72,5 +73,5 @@ def train_dq(model: nn.Module, train: Any, *, bits: int, seed: int, config: DQCo
 def defensive_quantization(model: nn.Module, train: Any, *, bits: int, seed: int, **options):
     """Training-defense entry point (``qcb_guard_register_training_defenses``): a new float
     module, QAT-trained at ``bits`` with DQ's Lipschitz penalty; ``model`` is untouched."""
-    config = make_config(DQConfig, options)
+    config = config_from(DQConfig, options)
     return train_dq(model, train, bits=bits, seed=seed, config=config).model

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qcb_guard.config import config_from
 from qcb_guard.errors import ConfigError
-from qcb_guard.robustness.qat import QATConfig, QATResult, make_config, qat
+from qcb_guard.robustness.qat import QATConfig, QATResult, qat
 
 __all__ = ["PROXIES", "DivQATConfig", "derangement", "divqat", "proxy_queries", "train_divqat"]
 
@@ -134,5 +135,5 @@ def train_divqat(
 def divqat(model: nn.Module, train: Any, *, bits: int, seed: int, **options: Any) -> nn.Module:
     """Training-defense entry point (``qcb_guard_register_training_defenses``): a new float
     module QAT-trained at ``bits`` with DivQAT's objective; ``model`` is untouched."""
-    config = make_config(DivQATConfig, options)
+    config = config_from(DivQATConfig, options)
     return train_divqat(model, train, bits=bits, seed=seed, config=config).model

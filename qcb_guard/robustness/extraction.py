@@ -252,7 +252,7 @@ class KnockoffAttack:
         perturb: Callable[[Tensor], Tensor] | None = None,
         **options: Any,
     ) -> KnockoffResult:
-        from qcb_guard.robustness.qat import make_config
+        from qcb_guard.config import config_from
 
-        config = make_config(KnockoffConfig, options)
+        config = config_from(KnockoffConfig, options)
         return knockoff(victim, transfer, surrogate, config, seed=seed, perturb=perturb)

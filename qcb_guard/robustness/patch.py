@@ -263,9 +263,9 @@ class PatchAttack:
     kind = "patch"
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0, **options: Any):
-        from qcb_guard.robustness.qat import make_config
+        from qcb_guard.config import config_from
 
-        return train_patch(model, x, y, make_config(PatchConfig, options), seed=seed)
+        return train_patch(model, x, y, config_from(PatchConfig, options), seed=seed)
 
     @staticmethod
     def asr(

@@ -9,7 +9,6 @@ activation ranges every ``recalibrate_every`` steps because the weights move und
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from qcb_guard.errors import ConfigError, DataError
 from qcb_guard.models.train import epoch_batches
 from qcb_guard.robustness.fakequant import FakeQuantModel, QuantConfig, calibrate_ranges
 
-__all__ = ["QATConfig", "QATResult", "make_config", "qat"]
+__all__ = ["QATConfig", "QATResult", "qat"]
 
 #: ``extra(model, qmodel, x, y, logits) -> loss term`` added to the task loss each step.
 ExtraLoss = Callable[[nn.Module, FakeQuantModel, Tensor, Tensor, Tensor], Tensor]
@@ -71,19 +70,6 @@ class QATConfig:
 
     def quant(self, bits: int) -> QuantConfig:
         return QuantConfig(bits, self.act_bits, self.input_bits, self.per_channel)
-
-
-def make_config(cls: type, options: dict[str, Any]) -> Any:
-    """``cls(**options)`` with unknown keys named in a ConfigError (the training-defense
-    contract), and type errors turned into ConfigError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"allowed: {', '.join(sorted(names))}"
-        )
-    return cls(**options)
 
 
 @dataclass
