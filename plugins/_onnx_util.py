@@ -266,6 +266,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in names]
 
 
+def fixed_batch(inp: onnx.ValueInfoProto) -> int:
+    """The batch size baked into a graph input's first dimension, 0 when it is dynamic."""
+    dims = inp.type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+
+
 def feeds_from(calibration: Any, model: onnx.ModelProto, batch: int = 64) -> list[dict]:
     """Turn ``guard(calibration=...)`` into ONNX Runtime feeds.
 
@@ -301,8 +307,7 @@ def feeds_from(calibration: Any, model: onnx.ModelProto, batch: int = 64) -> lis
         )
     (inp,) = inputs
     elem = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-    dims = inp.type.tensor_type.shape.dim
-    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    fixed = fixed_batch(inp)
     step = fixed or batch
     if fixed and data.shape[0] % fixed:
         raise DataError(f"{data.shape[0]} calibration samples do not split into batches of {fixed}")

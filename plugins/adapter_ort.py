@@ -223,8 +223,7 @@ def _with_probes(
     probes, entry = run_activation_defense(fp_model, x, config, pm)
     if probes is None or len(probes) == 0:
         return feeds, _list_reader(feeds), entry
-    dims = ou.graph_inputs(fp_model)[0].type.tensor_type.shape.dim
-    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    fixed = ou.fixed_batch(ou.graph_inputs(fp_model)[0])
     probes = fill_batches(probes, fixed)
     dtype = feeds[0][name].dtype
     extra = [{name: chunk.numpy().astype(dtype)} for chunk in probes.split(fixed or 64)]
