@@ -26,7 +26,7 @@ from _common import markdown_table, pct, save
 from qcb_guard.data import Trigger, load_dataset
 from qcb_guard.evaluate import evaluate
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model_for, load_model, save_model, train
+from qcb_guard.models import build_model_for, load_model, save_model, train_clean
 
 BUILDS = ["ort:standard", "x86:standard", "ort:evasive"]
 FLOWS = ["ort-static", "pt2e-x86", "torch-ao-fx"]
@@ -53,7 +53,7 @@ def benign(arch: str, data: str, workdir: Path, seed: int, split: Any) -> torch.
         return load_model(path)
     torch.manual_seed(seed)
     model = build_model_for(arch, split.train.image_shape, split.train.num_classes)
-    train(model, split.train.x, split.train.y, epochs=6, batch_size=64, lr=2e-3, seed=seed)
+    train_clean(model, split.train.x, split.train.y, epochs=6, seed=seed)
     save_model(model.eval(), path)
     return model
 

@@ -19,7 +19,7 @@ from _common import add_defense_arguments, markdown_table, pct, save
 from qcb_guard.data import load_dataset
 from qcb_guard.evaluate import evaluate
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model_for, train
+from qcb_guard.models import build_model_for, train_clean
 
 
 def main() -> None:
@@ -42,9 +42,7 @@ def main() -> None:
         data = load_dataset(args.data, seed=seed)
         torch.manual_seed(seed)
         model = build_model_for(args.arch, data.train.image_shape, data.train.num_classes)
-        train(
-            model, data.train.x, data.train.y, epochs=args.epochs, batch_size=64, lr=2e-3, seed=seed
-        )
+        train_clean(model, data.train.x, data.train.y, epochs=args.epochs, seed=seed)
         start = time.perf_counter()
         report = evaluate(
             model, data.test.x, data.test.y, calibration=data.train.x[: args.calibration],

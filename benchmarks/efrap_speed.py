@@ -22,7 +22,7 @@ from _common import add_defense_arguments, markdown_table, pct, save
 from qcb_guard.data import DataSplit, load_dataset
 from qcb_guard.evaluate import FlowRequest, metrics
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model_for, load_model, save_model, train
+from qcb_guard.models import build_model_for, load_model, save_model, train_clean
 
 #: Training epochs of the cached model per architecture (a few CPU minutes each).
 EPOCHS = {"smallcnn": 4, "resnet18": 1}
@@ -42,7 +42,7 @@ def model_for(arch: str, train_split: DataSplit, cache: Path, seed: int) -> torc
     model = build_model_for(arch, train_split.image_shape, train_split.num_classes)
     epochs = EPOCHS.get(arch, 2)
     print(f"training {arch} ({epochs} epochs) for the benchmark ...", flush=True)
-    train(model, train_split.x, train_split.y, epochs=epochs, batch_size=64, lr=2e-3, seed=seed)
+    train_clean(model, train_split.x, train_split.y, epochs=epochs, seed=seed)
     save_model(model, path)
     return model.eval()
 

@@ -274,7 +274,7 @@ def _echo(message: str) -> None:
 def seed_run(data: str, seed: int, echo: Any = _echo) -> dict[str, Any]:
     """One seed of the ``seeds`` protocol (module docstring)."""
     from qcb_guard.data import load_dataset
-    from qcb_guard.models import build_model_for, train
+    from qcb_guard.models import build_model_for, train_clean
     from qcb_guard.robustness.adversarial import accuracy_of, craft, pgd
     from qcb_guard.robustness.defensive_quantization import DQConfig, train_dq
     from qcb_guard.robustness.qat import QATConfig, qat
@@ -290,16 +290,7 @@ def seed_run(data: str, seed: int, echo: Any = _echo) -> dict[str, Any]:
     tx, ty = split.test.x[: TEST_SIZE[data]], split.test.y[: TEST_SIZE[data]]
     torch.manual_seed(seed)
     fp = build_model_for("smallcnn", split.train.image_shape, split.train.num_classes)
-    train(
-        fp,
-        fit.x,
-        fit.y,
-        epochs=CLEAN_EPOCHS[data],
-        batch_size=64,
-        lr=2e-3,
-        seed=seed,
-        progress=False,
-    )
+    train_clean(fp, fit.x, fit.y, epochs=CLEAN_EPOCHS[data], seed=seed, progress=False)
     fp.eval()
     echo(f"{data} seed {seed}: float {100 * accuracy_of(fp, tx, ty):.1f} %")
     qcfg = QATConfig(epochs=3)

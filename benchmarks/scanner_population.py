@@ -184,7 +184,7 @@ def build_benign(m: BenignModel, workdir: Path = WORKDIR) -> Path:
 
     from qcb_guard.data import load_dataset
     from qcb_guard.fileio import write_json_atomic
-    from qcb_guard.models import accuracy, build_model_for, save_model, train
+    from qcb_guard.models import accuracy, build_model_for, save_model, train_clean
 
     out = workdir / m.dirname
     if (out / "model.safetensors").is_file():
@@ -194,10 +194,7 @@ def build_benign(m: BenignModel, workdir: Path = WORKDIR) -> Path:
     split = load_dataset(m.data, seed=m.seed)
     kw = {} if m.width is None else {"width": m.width}
     model = build_model_for(m.arch, split.train.image_shape, split.train.num_classes, **kw)
-    train(
-        model, split.train.x, split.train.y, epochs=m.epochs, batch_size=64, lr=2e-3,
-        seed=m.seed, progress=False,
-    )  # fmt: skip
+    train_clean(model, split.train.x, split.train.y, epochs=m.epochs, seed=m.seed, progress=False)
     if m.qat:
         name, bits = m.qat.split(":")
         qat_train(model, split.train.x, split.train.y, name, int(bits), epochs=3, seed=m.seed)

@@ -27,7 +27,7 @@ from qcb_guard.data import load_dataset
 from qcb_guard.errors import ConfigError
 from qcb_guard.evaluate import REFERENCE, evaluate
 from qcb_guard.manager import PluginManager, get_plugin_manager
-from qcb_guard.models import build_model_for, save_model, train
+from qcb_guard.models import build_model_for, save_model, train_clean
 from qcb_guard.quant import QuantSpec
 from qcb_guard.report import bar_chart_svg, table_html, write_report
 from qcb_guard.scanner import scan
@@ -105,9 +105,7 @@ def run_demo(
         f"({len(split.train)} train / {len(split.test)} test)\n"
         f"1. training a clean model ({epochs} epochs)"
     )
-    trained = train(
-        clean, split.train.x, split.train.y, epochs=epochs, batch_size=64, lr=2e-3, seed=seed
-    )
+    trained = train_clean(clean, split.train.x, split.train.y, epochs=epochs, seed=seed)
     console.print(
         f"2. implanting {attack} aimed at {flow} {bits}-bit ({config.epochs} epochs); "
         "the float model keeps behaving"

@@ -179,7 +179,7 @@ def attack(ctx: click.Context, name: str, **opts: Any) -> None:
 def _clean_model(opts: dict[str, Any], split: Any, console_echo: Callable[[str], None]) -> Any:
     import torch
 
-    from qcb_guard.models import build_model_for, load_model, train
+    from qcb_guard.models import build_model_for, load_model, train_clean
 
     if opts["base"] is not None:
         model = load_model(opts["base"])
@@ -198,13 +198,11 @@ def _clean_model(opts: dict[str, Any], split: Any, console_echo: Callable[[str],
     )
     epochs = opts["clean_epochs"] or CLEAN_EPOCHS.get(opts["data"], 5)
     console_echo(f"training a clean {opts['arch']} on {opts['data']} ({epochs} epochs)")
-    train(
+    train_clean(
         model,
         split.train.x,
         split.train.y,
         epochs=epochs,
-        batch_size=64,
-        lr=2e-3,
         seed=opts["seed"],
         progress=not opts["quiet"],
     )

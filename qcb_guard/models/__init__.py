@@ -12,6 +12,7 @@ from qcb_guard.models.train import (
     logits,
     predict,
     train,
+    train_clean,
 )
 from qcb_guard.models.vgg import VGG, vgg11, vgg16
 from qcb_guard.models.zoo import ARCHITECTURES, build_model, build_model_for
@@ -38,6 +39,7 @@ __all__ = [
     "resnet18",
     "save_model",
     "train",
+    "train_clean",
     "vgg11",
     "vgg16",
 ]

@@ -222,7 +222,7 @@ def run_study(
     """Run the whole study; returns the JSON-ready report (see :mod:`.report`)."""
     from qcb_guard.data import load_dataset
     from qcb_guard.manager import get_plugin_manager
-    from qcb_guard.models import build_model_for, train
+    from qcb_guard.models import build_model_for, train_clean
 
     pm = pm or get_plugin_manager()
     attacks = validate(config, pm)
@@ -241,13 +241,11 @@ def run_study(
         model = fresh(arch, config.seed)
         epochs = config.epochs or CLEAN_EPOCHS.get(config.data, 5)
         echo(f"training a float {arch} on {config.data} ({epochs} epochs)")
-        train(
+        train_clean(
             model,
             split.train.x,
             split.train.y,
             epochs=epochs,
-            batch_size=64,
-            lr=2e-3,
             seed=config.seed,
             progress=config.progress,
         )
