@@ -298,6 +298,7 @@ def test_centre_patch_takes_over_float_and_4_bit_models(digits):
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.ort  # its study runs the real ort-static flow
 def test_robustness_command_writes_json_and_html(tmp_path, rpm):
     out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
     args = [

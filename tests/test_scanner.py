@@ -210,6 +210,7 @@ def files(tmp_path_factory, quanti, clean):
     return d
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 def test_onnx_file_scans_like_the_torch_module(files, quanti, calibration, pm):
     via_onnx = _scan(files / "quanti.onnx", calibration, pm)
     via_torch = _scan(quanti, calibration, pm)
@@ -222,12 +223,14 @@ def test_onnx_file_scans_like_the_torch_module(files, quanti, calibration, pm):
     assert _scan(files / "clean.onnx", calibration, pm).verdict == "clean"
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 def test_safetensors_and_attack_directory(files, calibration, pm):
     assert _scan(files / "quanti.safetensors", calibration, pm).verdict == "suspicious"
     report = _scan(files / "attack", None, pm)  # input shape from card.json
     assert report.verdict == "suspicious" and report.model["card"] == {"attack": "x"}
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 def test_hostile_files_give_clear_errors(tmp_path, files, pm):
     class Boom:
         def __reduce__(self):
@@ -251,6 +254,7 @@ def _touch(tmp_path):
     return path
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 def test_giant_declared_shapes_are_refused_before_allocation(tmp_path, files):
     import onnx
 
@@ -335,6 +339,7 @@ def test_guard_scan_through_onnx_runtime_flags_the_bin_projected_model(pq, digit
     json.dumps(result.to_dict())
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 def test_cli_exit_codes_and_reports(files, tmp_path, pm):
     runner = CliRunner()
     out = runner.invoke(
@@ -365,6 +370,7 @@ def test_report_plots():
     assert svg.count('class="cell"') == 4 and "float 0 → quantized 1: 1" in svg
 
 
+@pytest.mark.ort  # the `files` fixture exports ONNX
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
 )
