@@ -51,6 +51,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "torch-ao": "qcb_guard_plugins.adapter_torch_ao",
     "range-probe": "qcb_guard_plugins.range_probe",
     "scan": "qcb_guard_plugins.scan",
+    "lac": "qcb_guard_plugins.lac",
+    "qvec": "qcb_guard_plugins.qvec",
 }
 
 

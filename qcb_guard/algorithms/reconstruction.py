@@ -128,7 +128,7 @@ SMALL_LAYER_MACS = 20_000_000
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -168,7 +168,7 @@ def reconstruct(
     if threads is None:
         small = step_macs(slot, inputs, config.batch_size) < SMALL_LAYER_MACS
         threads = 1 if small else torch.get_num_threads()
-    with _threads(threads):
+    with torch_threads(threads):
         integers, stats = _optimise(
             slot, inputs, fp_inputs, init_v, soft, regulariser, config, generator
         )
