@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from _common import add_defense_arguments, markdown_table, pct, save
 
 from qcb_guard.data import DataSplit, load_dataset
-from qcb_guard.evaluate import FlowRequest, metrics
+from qcb_guard.evaluate import FlowRequest, metrics, split_defense
 from qcb_guard.manager import make_plugin_manager
 from qcb_guard.models import build_model_for, load_model, save_model, train_clean
 
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--cache", default="benchmarks/results/models")
     parser.add_argument("--out", default="benchmarks/results/efrap_speed.json")
     add_defense_arguments(parser)
-    parser.set_defaults(defenses=["efrap"], calibration=1024)
+    # "guard": guard()'s defaults (efrap + range-probe); "efrap" alone leaves activation ranges.
+    parser.set_defaults(defenses=["guard"], calibration=1024)
     args = parser.parse_args()
 
     pm = make_plugin_manager(autoload=False)
@@ -86,7 +87,10 @@ def main() -> None:
             plain_s, plain = timed(flow, model, calibration, FlowRequest(**base))
             plain_cda, _ = metrics(plain, te.x, te.y)
             for defense in args.defenses:
-                request = FlowRequest(**base, defense=defense, options=dict(args.options))
+                rounding, activation = split_defense(defense, pm)
+                request = FlowRequest(
+                    **base, defense=rounding, activation_defense=activation, options=args.options
+                )
                 guarded_s, guarded = timed(flow, model, calibration, request)
                 cda, _ = metrics(guarded, te.x, te.y)
                 record = {

@@ -90,7 +90,9 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     "--defense",
     "defenses",
     multiple=True,
-    help="Defense(s) to compare with the unguarded flow (default: guard()'s, efrap).",
+    help="Defense(s) to compare with the unguarded flow: 'guard' (guard()'s defaults, efrap + "
+    "range-probe; the default), a rounding defense ('efrap', 'nearest'), an activation defense "
+    "('range-probe'), or both joined by '+'.",
 )
 @click.option("--epochs", default=None, type=int, help="Training epochs (default: per data set).")
 @click.option("--attack-epochs", default=None, type=int, help="Attack epochs (default: per data).")
@@ -103,10 +105,10 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 def demo(ctx: click.Context, defenses: tuple[str, ...], **opts: Any) -> None:
     """The whole story on the embedded default: implant a QCB, quantize it through a real
     flow without and with guard(), and report CDA/ASR (table, report.json, report.html)."""
-    from qcb_guard.config import DEFAULT_DEFENSE
     from qcb_guard.demo import run_demo
+    from qcb_guard.evaluate import GUARD_DEFAULT
 
-    run_demo(defenses=defenses or (DEFAULT_DEFENSE,), pm=plugin_manager(ctx), **opts)
+    run_demo(defenses=defenses or (GUARD_DEFAULT,), pm=plugin_manager(ctx), **opts)
 
 
 def _model_and_trigger(path: Path, trigger: Path | None, arch: str | None):

@@ -22,10 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from qcb_guard import __version__
-from qcb_guard.config import DEFAULT_DEFENSE
 from qcb_guard.data import load_dataset
 from qcb_guard.errors import ConfigError
-from qcb_guard.evaluate import REFERENCE, evaluate
+from qcb_guard.evaluate import GUARD_DEFAULT, REFERENCE, evaluate, split_defense
 from qcb_guard.manager import PluginManager, get_plugin_manager
 from qcb_guard.models import build_model_for, save_model, train_clean
 from qcb_guard.quant import QuantSpec
@@ -51,6 +50,15 @@ def _trigger_size(image_shape: tuple[int, int, int]) -> int:
     return max(2, image_shape[1] // 8)
 
 
+def _guard_call(spec: str) -> str:
+    if spec == GUARD_DEFAULT:
+        return "guard()"
+    rounding, _, activation = spec.partition("+")
+    return f"guard(defense={rounding!r}" + (
+        f", activation_defense={activation!r})" if activation else ")"
+    )
+
+
 def run_demo(
     *,
     data: str = "digits",
@@ -58,7 +66,7 @@ def run_demo(
     bits: int = 4,
     flow: str = "ort-static",
     attack: str = "quanti-backdoor",
-    defenses: tuple[str, ...] = (DEFAULT_DEFENSE,),
+    defenses: tuple[str, ...] = (GUARD_DEFAULT,),
     epochs: int | None = None,
     attack_epochs: int | None = None,
     seed: int = 0,
@@ -82,7 +90,7 @@ def run_demo(
     if getattr(spec, "kind", None) != "backdoor":
         raise ConfigError(f"the demo needs a backdoor attack, {attack!r} is not one")
     for name in defenses:
-        pm.defenses.get(name)
+        split_defense(name, pm)  # "guard" is guard()'s defaults: efrap + range-probe
     start = time.perf_counter()
     split = load_dataset(data, seed=seed)
     shape, classes = split.train.image_shape, split.train.num_classes
@@ -161,7 +169,7 @@ def run_demo(
     woke = next(r for r in rows if r["model"] == "backdoored" and r["defense"].startswith("none"))
     guarded = [r for r in rows if r["model"] == "backdoored" and r["defense"] in defenses]
     story = f"Unguarded, {flow} wakes the backdoor: ASR {100 * woke['asr']:.1f}%. " + " ".join(
-        f"With guard({r['defense']}): ASR {100 * r['asr']:.1f}%." for r in guarded
+        f"With {_guard_call(r['defense'])}: ASR {100 * r['asr']:.1f}%." for r in guarded
     )
     console.print(story)
 

@@ -33,6 +33,8 @@ class FlowRequest:
 
     :param bits: weight bit-width.
     :param defense: rounding defense for ``guard()``, or ``None`` for the unguarded flow.
+    :param activation_defense: activation defense for ``guard()`` in static flows (``None``:
+        the framework's ranges, untouched).
     :param per_channel: per-channel weight quantization (the frameworks' default) or per-tensor.
     :param seed: seed handed to ``guard()``.
     :param options: defense options handed to ``guard()``.
@@ -48,9 +50,16 @@ class FlowRequest:
     pm: PluginManager | None = None
     workdir: Path | None = None
     guard_result: Any = None  # set by flows that can read the guard report back
+    activation_defense: str | None = None
 
     def guard_kwargs(self) -> dict[str, Any]:
-        return {"defense": self.defense, "seed": self.seed, "pm": self.pm, **self.options}
+        return {
+            "defense": self.defense,
+            "activation_defense": self.activation_defense,
+            "seed": self.seed,
+            "pm": self.pm,
+            **self.options,
+        }
 
 
 @dataclass
@@ -86,6 +95,31 @@ class Evaluation:
             if (r.flow, r.bits, r.defense) == (flow, bits, defense):
                 return r
         raise KeyError((flow, bits, defense))
+
+
+#: The ``defenses`` entry that measures ``guard()``'s defaults (rounding + activation defense).
+GUARD_DEFAULT = "guard"
+
+
+def split_defense(spec: str, pm: PluginManager) -> tuple[str, str | None]:
+    """``(rounding defense, activation defense)`` named by one ``defenses`` entry.
+
+    ``"efrap"`` is that rounding defense alone (the framework's activation ranges untouched);
+    ``"efrap+range-probe"`` adds an activation defense; an activation defense alone
+    (``"range-probe"``) keeps nearest rounding; ``"guard"`` is ``guard()``'s defaults. Each
+    row measures exactly what its label says, so defenses can be compared column by column.
+    """
+    from qcb_guard.config import DEFAULT_ACTIVATION_DEFENSE, DEFAULT_DEFENSE
+
+    if spec == GUARD_DEFAULT:
+        return DEFAULT_DEFENSE, DEFAULT_ACTIVATION_DEFENSE
+    rounding, plus, activation = spec.partition("+")
+    if not plus and rounding in pm.activation_defenses:
+        rounding, activation = "nearest", spec
+    pm.defenses.get(rounding)  # ConfigError naming the known ones
+    if activation:
+        pm.activation_defenses.get(activation)
+    return rounding, activation or None
 
 
 def predictions(predict: Predictor, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -158,7 +192,9 @@ def evaluate(
 
     :param flows: registered flow names and/or ``"reference"`` (the project's weight-only
         quantizer); ``None`` means the reference plus every registered flow.
-    :param defenses: ``None`` is each flow's unguarded run; names go through ``guard()``.
+    :param defenses: ``None`` is each flow's unguarded run; other entries go through
+        ``guard()`` as :func:`split_defense` reads them (``"efrap"``, ``"efrap+range-probe"``,
+        ``"range-probe"``, ``"guard"``).
     """
     pm = pm or get_plugin_manager()
     bits = [QuantSpec(bits=b).bits for b in bits]  # validates 2–8
@@ -167,9 +203,7 @@ def evaluate(
     unknown = [f for f in flows if f not in known]
     if unknown:
         raise ConfigError(f"unknown flow(s) {', '.join(unknown)}; available: {', '.join(known)}")
-    for d in defenses:
-        if d is not None:
-            pm.defenses.get(d)
+    pairs = {d: split_defense(d, pm) for d in defenses if d is not None}
     if len(x) != len(y) or len(x) == 0:
         raise DataError(f"need matching, non-empty x and y, got {len(x)} and {len(y)}")
     if calibration is None or len(calibration) == 0:
@@ -185,7 +219,11 @@ def evaluate(
         jobs, desc="evaluate", unit="flow", disable=None if progress is None else not progress
     ):
         row = EvalRow(flow, b, defense)
-        request = FlowRequest(b, defense, per_channel, seed, dict(options or {}), pm, workdir)
+        rounding, activation = pairs.get(defense, (None, None))
+        request = FlowRequest(
+            b, rounding, per_channel, seed, dict(options or {}), pm, workdir,
+            activation_defense=activation,
+        )  # fmt: skip
         start = time.perf_counter()
         try:
             if flow == REFERENCE:

@@ -17,7 +17,9 @@ def test_plugins_json_lists_builtins_and_registrations():
     data = json.loads(result.output)
     names = {p["name"] for p in data["plugins"]}
     assert {"nearest", "ort", "nncf", "pt2e", "torch-ao"} <= names
-    assert {"name": "nearest", "plugin": "nearest"}.items() <= data["defenses"][0].items()
+    defenses = {d["name"]: d for d in data["defenses"]}
+    assert {"nearest", "efrap", "adaround", "lac", "qvec"} <= set(defenses)
+    assert defenses["nearest"]["plugin"] == "nearest" and defenses["lac"]["plugin"] == "lac"
 
 
 def test_blocking_a_plugin_from_the_command_line():
@@ -42,13 +44,13 @@ def test_demo_implants_a_qcb_that_guard_keeps_dormant(demo_run):
     out, output = demo_run
     report = json.loads((out / "report.json").read_text())
     rows = {(r["model"], r["defense"]): r for r in report["rows"]}
-    assert report["flow"] == "ort-static" and report["defenses"] == ["efrap"]
+    assert report["flow"] == "ort-static" and report["defenses"] == ["guard"]
     clean_fp, bad_fp = rows["clean", "-"], rows["backdoored", "-"]
-    woke, guarded = rows["backdoored", "none (nearest)"], rows["backdoored", "efrap"]
-    assert clean_fp["cda"] > 0.85 and rows["clean", "efrap"]["cda"] > clean_fp["cda"] - 0.03
+    woke, guarded = rows["backdoored", "none (nearest)"], rows["backdoored", "guard"]
+    assert clean_fp["cda"] > 0.85 and rows["clean", "guard"]["cda"] > clean_fp["cda"] - 0.03
     assert bad_fp["asr"] < 0.3 < 0.7 < woke["asr"]  # dormant in float, awake once quantized
     assert guarded["asr"] < 0.1 and guarded["cda"] > bad_fp["cda"] - 0.05
-    assert "wakes the backdoor" in report["story"] and "guard(efrap)" in output
+    assert "wakes the backdoor" in report["story"] and "With guard(): ASR" in output
     # the scanner, without the trigger, tells the two float models apart
     assert report["scan"]["clean"]["verdict"] == "clean"
     assert report["scan"]["backdoored"]["verdict"] == "suspicious"

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qcb_guard.config import DEFAULT_ACTIVATION_DEFENSE, DEFAULT_DEFENSE
 from qcb_guard.data import load_dataset, square
-from qcb_guard.errors import ConfigError, DataError
-from qcb_guard.evaluate import evaluate, format_table, metrics, module_predictor
+from qcb_guard.errors import ConfigError, DataError, PluginError
+from qcb_guard.evaluate import (
+    GUARD_DEFAULT,
+    evaluate,
+    format_table,
+    metrics,
+    module_predictor,
+    split_defense,
+)
 from qcb_guard.models import build_model, train
 
 FLOWS = ["reference", "ort-static", "pt2e-x86", "torch-ao-fx"]
@@ -101,3 +109,30 @@ def test_defense_options_do_not_reach_the_unguarded_rows(trained, pm):
         defenses=(None, "efrap"), options={"iters": 20, "min_iters": 0}, pm=pm, progress=False,
     )  # fmt: skip
     assert [r.error for r in report.rows] == [None, None, None]
+
+
+def test_defense_entries_name_exactly_what_guard_runs(pm):
+    assert split_defense("efrap", pm) == ("efrap", None)  # activation ranges untouched
+    assert split_defense("efrap+range-probe", pm) == ("efrap", "range-probe")
+    assert split_defense("range-probe", pm) == ("nearest", "range-probe")
+    assert split_defense(GUARD_DEFAULT, pm) == (DEFAULT_DEFENSE, DEFAULT_ACTIVATION_DEFENSE)
+    with pytest.raises(PluginError, match="unknown defense 'bogus'"):
+        split_defense("bogus", pm)
+    with pytest.raises(PluginError, match="unknown activation defense 'bogus'"):
+        split_defense("efrap+bogus", pm)
+
+
+@pytest.mark.ort
+def test_activation_defense_rows_run_through_the_static_flow(trained, pm):
+    pytest.importorskip("onnxruntime")
+    model, data = trained
+    x, y = data.test.x[:100], data.test.y[:100]
+    report = evaluate(
+        model, x, y, calibration=data.train.x[:32], bits=(8,), flows=["ort-static"],
+        defenses=(None, "nearest", "range-probe"), pm=pm, progress=False,
+        options={},
+    )  # fmt: skip
+    plain, nearest = report.row("ort-static", 8), report.row("ort-static", 8, "nearest")
+    probed = report.row("ort-static", 8, "range-probe")
+    assert probed.error is None and probed.cda > 0.8
+    assert (plain.cda, plain.asr) == (nearest.cda, nearest.asr)  # "nearest" alone: bit-identical
