@@ -16,7 +16,12 @@ NNCF's own, then replaces each Conv/Linear weight's integers in the returned art
 NNCF's fast bias correction was computed with nearest-rounded weights; for every layer whose
 integers changed it is recomputed with the deployed ones (same formula, same data subset).
 NNCF offers no rounding hook, so the returned artefact is the only point where NNCF's scales
-are final. See ``docs/adapters/nncf.md``.
+are final.
+
+The activation defense (``range-probe`` by default) runs before NNCF: the items NNCF would
+read are read once (``transform_fn`` applied), the defense probes the float model (ONNX:
+converted to torch), and NNCF calibrates on a dataset of those items followed by the probe
+items, with ``subset_size`` raised to take all of them. See ``docs/adapters/nncf.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from qcb_guard import hookimpl
 from qcb_guard._compat import require
-from qcb_guard.activation import skipped
+from qcb_guard.activation import TURNED_OFF, skipped
 from qcb_guard.errors import (
     ConfigError,
     DataError,
@@ -152,10 +157,16 @@ def _run(
     entry = pm.defenses.get(config.defense)  # unknown defense: fail before quantizing
     needs_data = bool(entry.options.get("needs_calibration", False))
 
-    # NNCF exactly as the user called it: every scale and range below is NNCF's own.
-    artefact = quantize(*args, **kwargs)
-
     data = _Data(arguments["calibration_dataset"], arguments["subset_size"], config)
+    if config.activation_defense is None:
+        activation = dict(TURNED_OFF)
+        # NNCF exactly as the user called it: every scale and range below is NNCF's own.
+        artefact = quantize(*args, **kwargs)
+    else:
+        call, activation = _with_probes(flow_cls, arguments, data, config, pm)
+        # NNCF as called, on the items it would read (+ probe items): its own observers
+        artefact = quantize(**call) if call is not None else quantize(*args, **kwargs)
+
     flow = flow_cls(model, artefact, data)
     slots = flow.build_slots()
     calibrator = None
@@ -175,13 +186,9 @@ def _run(
         "calibration": data.source,
     }
     result.notes.extend(flow.notes)
-    if config.activation_defense is not None:
-        why = (
-            "not wired into the NNCF adapter yet: activation ranges come from NNCF's "
-            "calibration alone (use the PT2E or ONNX Runtime flow for range probing)"
-        )
-        result.extra["activation_defense"] = skipped(config, why)
-        result.notes.append(f"activation defense skipped: {why}")
+    result.extra["activation_defense"] = activation
+    if "skipped" in activation:
+        result.notes.append(f"activation defense skipped: {activation['skipped']}")
     if flow.skipped:
         warnings.warn(
             f"guard(nncf.quantize): {len(flow.skipped)} weight(s) NNCF quantized keep NNCF's "
@@ -229,23 +236,38 @@ def _flow_class(model: Any) -> type[_Flow]:
 class _Data:
     """The calibration items NNCF used: the first ``subset_size`` items of the user's
     ``nncf.Dataset`` (as NNCF's statistics aggregator takes them), or ``calibration=`` of
-    ``guard()`` when the dataset yields nothing on a second pass (a one-shot iterator)."""
+    ``guard()`` when the dataset yields nothing on a second pass (a one-shot iterator).
+    ``nncf_items`` are the items NNCF read when probe items were appended to them."""
 
     def __init__(self, dataset: Any, subset_size: int, config: GuardConfig):
         self._dataset = dataset
         self._subset_size = subset_size
         self._config = config
         self._items: list[Any] | None = None
+        self.nncf_items: list[Any] | None = None
         self.source = "nncf.Dataset"
 
-    def items(self, flow: _Flow) -> list[Any]:
+    @property
+    def batch_size(self) -> int | None:
+        """The data source's ``batch_size`` (NNCF turns on batch-wise statistics from it)."""
+        return self._dataset.get_batch_size()
+
+    def read(self) -> list[Any]:
+        """The items NNCF's statistics aggregator reads (``transform_fn`` applied), read once."""
         if self._items is None:
             length = self._dataset.get_length()
             count = min(length, self._subset_size) if length else self._subset_size
             self._items = list(itertools.islice(self._dataset.get_inference_data(), count))
-            if not self._items:
-                self._items = self._fallback(flow)
         return self._items
+
+    def items(self, flow: _Flow) -> list[Any]:
+        if not self.read():
+            self._items = self._fallback(flow)
+        return self._items  # type: ignore[return-value]
+
+    def seen_by_nncf(self, flow: _Flow) -> list[Any]:
+        """The items NNCF calibrated (and corrected biases) on: the user's, plus probes."""
+        return self.nncf_items if self.nncf_items is not None else self.items(flow)
 
     def _fallback(self, flow: _Flow) -> list[Any]:
         from qcb_guard.reference import check_calibration
@@ -279,6 +301,173 @@ class _Calibrator:
         fp = torch.cat([t.float() for t in self._fp[slot.name]])
         q = torch.cat([t.float() for t in self._flow.quantized_inputs(slot.name, items)])
         return SlotCalibration(inputs=q, fp_inputs=fp)
+
+
+# --------------------------------------------------------------------------------------
+# The activation defense: probe items appended to the items NNCF calibrates on.
+# --------------------------------------------------------------------------------------
+
+
+class _Items(list):
+    """The calibration items handed to NNCF: a re-iterable list with a length that keeps the
+    user's data source's ``batch_size`` (``nncf.quantize`` turns on batch-wise statistics
+    from it)."""
+
+    def __init__(self, items: list[Any], batch_size: int | None):
+        super().__init__(items)
+        if batch_size is not None:
+            self.batch_size = batch_size
+
+
+def _with_probes(
+    flow_cls: type[_Flow],
+    arguments: dict[str, Any],
+    data: _Data,
+    config: GuardConfig,
+    pm: PluginManager,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``nncf.quantize``'s arguments with the probe items appended, and the report entry.
+
+    The items NNCF would read are read once (the user's ``transform_fn`` applied), the
+    activation defense probes the float model from them, and NNCF gets a dataset of those
+    items (as read: no ``transform_fn``) followed by the probe items in the items' own form
+    and batch size, with ``subset_size`` raised by the number of probe items so that NNCF
+    reads all of them. Returns ``None`` arguments when nothing was read (NNCF then runs on
+    the user's dataset and reports the empty dataset itself).
+    """
+    import nncf
+
+    from qcb_guard.activation import fill_batches, run_activation_defense
+
+    items = data.read()
+    if not items:
+        return None, skipped(config, "the calibration dataset yields no items")
+    call = dict(arguments)  # the items as read: a one-shot iterator cannot be read twice
+    call["calibration_dataset"] = nncf.Dataset(_Items(items, data.batch_size))
+    form = _ItemForm.of(items)
+    if isinstance(form, str):
+        return call, skipped(config, form)
+    try:
+        model = flow_cls.probe_model(arguments["model"])
+    except Exception as exc:  # e.g. an ONNX op the ONNX→torch converter lacks
+        return call, _probes_failed(config, exc)
+    probes, entry = run_activation_defense(model, form.stack(items), config, pm)
+    if probes is None or len(probes) == 0:
+        return call, entry
+    extra = [form.item(chunk) for chunk in fill_batches(probes, form.batch).split(form.batch)]
+    data.nncf_items = items + extra
+    call["calibration_dataset"] = nncf.Dataset(_Items(data.nncf_items, data.batch_size))
+    call["subset_size"] = len(data.nncf_items)
+    call["advanced_parameters"], estimator = _min_max_activations(
+        arguments.get("advanced_parameters")
+    )
+    entry.update(
+        probe_items=len(extra),
+        subset_size=len(data.nncf_items),
+        range_estimator=estimator,
+    )
+    return call, entry
+
+
+@dataclass
+class _ItemForm:
+    """How the calibration items hold the model input: the item itself, its only element
+    (tuple/list) or its only value (dict), a torch tensor or a numpy array ``[B, ...]``."""
+
+    key: Any  # the dict key (dict items)
+    container: type | None  # None: the item itself is the input
+    batch: int
+    dtype: Any
+    device: Any  # None for numpy arrays
+
+    @classmethod
+    def of(cls, items: list[Any]) -> _ItemForm | str:
+        """The form of ``items``, or why they cannot be probed."""
+        first = items[0]
+        if isinstance(first, dict) and len(first) == 1:
+            key, container = next(iter(first)), dict
+        elif isinstance(first, (tuple, list)) and len(first) == 1:
+            key, container = None, type(first)
+        else:
+            key, container = None, None
+        values = [cls._value(item, key, container) for item in items]
+        x = values[0]
+        shapes = {(tuple(v.shape[1:]), str(v.dtype)) if _is_array(v) else None for v in values}
+        if None in shapes or len(shapes) != 1 or x.ndim < 2 or not _is_float(x):
+            return (
+                "range probing needs calibration items that are one float tensor [B, ...] (or a "
+                "one-element tuple / one-entry dict of it) of one shape; got "
+                f"{type(first).__name__} items"
+            )
+        device = x.device if isinstance(x, torch.Tensor) else None
+        return cls(key, container, int(x.shape[0]), x.dtype, device)
+
+    @staticmethod
+    def _value(item: Any, key: Any, container: type | None) -> Any:
+        if container is None:
+            return item
+        if type(item) is not container or len(item) != 1:
+            return None
+        return item.get(key) if container is dict else item[0]
+
+    def stack(self, items: list[Any]) -> torch.Tensor:
+        """Every item's input, joined on the batch axis, as float32 torch."""
+        values = [self._value(item, self.key, self.container) for item in items]
+        return torch.cat([torch.as_tensor(v).to(torch.float32) for v in values])
+
+    def item(self, chunk: torch.Tensor) -> Any:
+        """An item of this form holding ``chunk``."""
+        if self.device is None:
+            value: Any = chunk.numpy().astype(self.dtype)
+        else:
+            value = chunk.to(device=self.device, dtype=self.dtype)
+        if self.container is None:
+            return value
+        if self.container is dict:
+            return {self.key: value}
+        return self.container([value])
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or type(value).__module__ == "numpy"
+
+
+def _is_float(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return getattr(getattr(value, "dtype", None), "kind", "") == "f"
+
+
+def _min_max_activations(advanced: Any) -> tuple[Any, str]:
+    """Advanced parameters whose activation ranges use NNCF's min/max aggregation wherever
+    the user left NNCF's default: NNCF averages per-item minima/maxima (``MEAN_MINMAX``) for
+    per-tensor activations, and an average moves by only ``K / (N + K)`` of the way towards
+    what ``K`` probe items reach. A choice the user made is kept (and reported)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import AggregatorType
+
+    params = copy.deepcopy(advanced) if advanced is not None else AdvancedQuantizationParameters()
+    estimator = params.activations_range_estimator_params
+    if estimator.min.aggregator_type is None and estimator.max.aggregator_type is None:
+        estimator.min.aggregator_type = AggregatorType.MIN
+        estimator.max.aggregator_type = AggregatorType.MAX
+        return params, "min/max aggregation (NNCF's default averages per-item min/max)"
+    chosen = f"{estimator.min.aggregator_type}/{estimator.max.aggregator_type}"
+    return params, f"the caller's ({chosen}; an averaging aggregator dilutes the probes)"
+
+
+def _probes_failed(config: GuardConfig, exc: Exception) -> dict[str, Any]:
+    """The model could not be prepared for probing: raise, or warn and report (the policy of
+    :func:`qcb_guard.activation.run_activation_defense`)."""
+    if config.on_defense_error == "raise":
+        raise exc
+    why = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"qcb_guard: activation defense {config.activation_defense!r} failed, activation "
+        f"ranges come from the calibration data alone ({why})",
+        stacklevel=5,
+    )
+    return {"defense": config.activation_defense, "failed": why, "probes": 0}
 
 
 # --------------------------------------------------------------------------------------
@@ -316,6 +505,11 @@ class _Flow:
         return [layer.slot for layer in self.layers.values()]
 
     # -- to implement -------------------------------------------------------------------
+    @staticmethod
+    def probe_model(model: Any) -> torch.nn.Module:
+        """The float torch module the activation defense probes (never modified)."""
+        raise NotImplementedError
+
     def build_slots(self) -> list[WeightSlot]:
         raise NotImplementedError
 
@@ -425,7 +619,7 @@ class _Flow:
             todo.append(name)
         if not todo:
             return []
-        items = self.data.items(self)
+        items = self.data.seen_by_nncf(self)  # NNCF's blob: the mean over what it read
         means = self._input_means(todo, items)
         for name in todo:
             layer = self.layers[name]
@@ -550,6 +744,10 @@ class _TorchFlow(_Flow):
     ``q`` and checks with the quantizer itself that it maps back to ``q``."""
 
     backend = "torch"
+
+    @staticmethod
+    def probe_model(model: Any) -> torch.nn.Module:
+        return model  # the caller's float module (activation defenses copy, never modify)
 
     def build_slots(self) -> list[WeightSlot]:
         from nncf.torch.function_hook import get_hook_storage
@@ -835,6 +1033,15 @@ class _FxFlow(_Flow):
 
     backend = "torchfx"
 
+    @staticmethod
+    def probe_model(model: Any) -> torch.nn.Module:
+        # the exported graph without torch.export's input-shape guard (probes come in batches)
+        graph = torch.fx.Graph()
+        graph.set_codegen(model.graph._codegen)
+        graph.output(graph.graph_copy(model.graph, {}))
+        _drop_export_guards(graph)
+        return torch.fx.GraphModule(model, graph)
+
     def build_slots(self) -> list[WeightSlot]:
         from nncf.experimental.torch.fx.transformations import apply_quantization_transformations
 
@@ -1020,6 +1227,13 @@ def _fx_set(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
         setattr(owner, attr, value)
 
 
+def _drop_export_guards(graph: torch.fx.Graph) -> None:
+    """Remove ``torch.export``'s input-shape guard (``_guards_fn``) from a graph copy."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+
+
 def _fx_capture(
     gm: torch.fx.GraphModule, names: list[str], items: list[Any]
 ) -> dict[str, list[torch.Tensor]]:
@@ -1031,9 +1245,7 @@ def _fx_capture(
     graph.graph_copy(gm.graph, remap)
     by_name = {node.name: node for node in gm.graph.nodes}
     graph.output(tuple(remap[by_name[name]].args[0] for name in names))
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)
+    _drop_export_guards(graph)
     graph.eliminate_dead_code()
     probe = torch.fx.GraphModule(gm, graph)
     codegen = gm.graph._codegen
@@ -1064,6 +1276,12 @@ class _OnnxFlow(_Flow):
     that initializer; scales and zero points are left as NNCF wrote them."""
 
     backend = "onnx"
+
+    @staticmethod
+    def probe_model(model: Any) -> torch.nn.Module:
+        from qcb_guard.onnx_torch import onnx_to_torch
+
+        return onnx_to_torch(model)  # input gradients need torch (hookspec: converted)
 
     def build_slots(self) -> list[WeightSlot]:
         from onnx import numpy_helper

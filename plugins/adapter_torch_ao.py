@@ -16,6 +16,12 @@ back, so no float weight is left modified (FX shares the user's parameters). Def
 data get each layer's inputs recorded by guarded activation observers during the user's own
 calibration passes; ``quantize_dynamic`` has none and uses ``guard(..., calibration=...)``.
 
+Static flows also run the activation defense (``range-probe`` by default): guarded activation
+observers record the prepared model's inputs during calibration, and when ``convert`` first asks
+a guarded observer for its qparams (before any module is swapped), the defense probes a float
+copy of the model being converted (observers stripped) and the probes are run through that
+model, in eval mode and without gradients, while every activation observer still observes.
+
 torch is imported lazily: importing this plugin must work without it.
 """
 
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qcb_guard import hookimpl
-from qcb_guard.activation import skipped
+from qcb_guard.activation import TURNED_OFF, skipped
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -53,11 +59,7 @@ _QCONFIG_TYPES = {
     ("torch.ao.quantization.qconfig", "QConfigDynamic"),
 }
 _MAPPING_TYPE = ("torch.ao.quantization.qconfig_mapping", "QConfigMapping")
-#: Honest until range probing is wired in here (ONNX Runtime and PT2E have it).
-_NO_ACTIVATION_DEFENSE = (
-    "not wired into the torch.ao adapter yet: activation ranges come from the calibration "
-    "data alone (use the PT2E or ONNX Runtime flow for range probing)"
-)
+_DYNAMIC = "dynamic flow: no static activation ranges to protect"
 _QUANTIZE_DYNAMIC = ("torch.ao.quantization.quantize", "quantize_dynamic")
 _MAPPING_DICTS = (
     "object_type_qconfigs",
@@ -154,6 +156,7 @@ class _Factory:
         observer._qcb_session = self.session
         if self.role == "activation":
             observer._qcb_samples = _Samples(self.session.max_samples)
+            observer._qcb_inputs = _InputIndex()
         return observer
 
     def __eq__(self, other: object) -> bool:
@@ -202,15 +205,25 @@ class _GuardedWeight:
 
 
 class _RecordingActivation:
-    """Mixin for activation observers: observe as usual, and record the inputs of the layer
-    they belong to (eager) or feed (FX) during calibration."""
+    """Mixin for activation observers: observe as usual; during calibration record the inputs
+    of the layer they belong to (eager) or feed (FX) and the prepared model's own inputs; at
+    convert, run the activation defense before the first qparams are read."""
 
     def forward(self, x):
         out = super().forward(x)
         session = self.__dict__.get("_qcb_session")
-        if session is not None and session.needs_data:
-            session.on_activation(self, x)
+        if session is not None and not session.probing:  # probes are not calibration data
+            if session.needs_data:
+                session.on_activation(self, x)
+            if session.probe:
+                session.on_model_input(self)
         return out
+
+    def calculate_qparams(self, *args, **kwargs):
+        session = self.__dict__.get("_qcb_session")
+        if session is not None and session.probe and not session.probing:
+            session.before_qparams(self)
+        return super().calculate_qparams(*args, **kwargs)
 
 
 class _Samples:
@@ -245,6 +258,47 @@ class _Samples:
         return torch.cat(self.chunks) if self.chunks else None
 
     def __deepcopy__(self, memo: dict) -> _Samples:
+        return self
+
+
+class _InputIndex(dict):
+    """Per activation observer: its qualified name in a model that was called during
+    calibration → that model's recorded inputs. Shared by deep copies (eager ``convert`` copies
+    the prepared model), so the model being converted finds the inputs of the model that was
+    calibrated through the observer's name in it, and a wrapper around it never matches."""
+
+    def __deepcopy__(self, memo: dict) -> _InputIndex:
+        return self
+
+
+class _ModelInputs:
+    """The inputs of one model's calibration forwards (the first ``limit`` rows), recorded
+    once per forward; ``problem`` says why they cannot be probed (not one float tensor)."""
+
+    def __init__(self, limit: int):
+        self.samples = _Samples(limit)
+        self.last: Any = None  # the args tuple of the forward recorded last (one per call)
+        self.batch: int | None = None
+        self.problem: str | None = None
+
+    def add(self, args: Any, kwargs: Any) -> None:
+        import torch
+
+        if args is self.last:
+            return
+        self.last = args
+        x = args[0] if isinstance(args, tuple) and len(args) == 1 and not kwargs else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or not x.is_floating_point():
+            self.problem = (
+                "the prepared model is called with other than one float tensor input; range "
+                "probing needs one input tensor [N, ...]"
+            )
+            return
+        if self.batch is None:
+            self.batch = int(x.shape[0])
+        self.samples.add(x)
+
+    def __deepcopy__(self, memo: dict) -> _ModelInputs:
         return self
 
 
@@ -309,7 +363,7 @@ def _guard_qconfig(qconfig: Any, session: _Session, memo: dict[int, Any]) -> Any
         _check_not_qat(probe)
         if _guards_weight(probe):
             new_activation = activation
-            if session.needs_data and activation is not None:
+            if (session.needs_data or session.probe) and activation is not None:
                 act_probe = activation()
                 _check_not_qat(act_probe)
                 if _records_activation(act_probe):
@@ -394,17 +448,13 @@ def _convert_frame(frame: Any) -> bool:
     return module == "torch.ao.quantization.quantize" and frame.f_code.co_name == "swap_module"
 
 
-def _locate(x: Any) -> _Located | None:
-    """Find the layer torch is converting when it calls a weight observer on ``x``.
-
-    Returns None when no torch.ao conversion function is on the stack (calibration of FX
-    functional weights, QAT): the observer then behaves exactly like the original. Only the
-    locals of torch.ao frames are read, and a layer is accepted only if its ``.weight`` *is*
-    ``x``, so this does not depend on torch's variable names.
-    """
+def _scan_stack(frame: Any) -> tuple[str, str, list[Any]] | None:
+    """Walk the call stack from ``frame``: ``(caller, flow, modules)`` while a torch.ao
+    conversion runs, else None (calibration, QAT). ``caller`` is the innermost torch.ao module
+    on the stack, ``flow`` "eager", "fx" or "dynamic", ``modules`` the ``nn.Module`` locals of
+    torch.ao frames, innermost first."""
     from torch import nn
 
-    frame = sys._getframe(2)
     converting = False
     caller = ""  # the torch.ao module that called the observer
     flow = "eager"
@@ -426,8 +476,37 @@ def _locate(x: Any) -> _Located | None:
                     seen.add(id(value))
                     modules.append(value)
         frame = frame.f_back
-    if not converting:
+    return (caller, flow, modules) if converting else None
+
+
+def _converting_root(observer: Any) -> _Located | None:
+    """The model a torch.ao conversion on the stack converts (the outermost module of its
+    frames that holds ``observer``), or None when no conversion is running."""
+    scan = _scan_stack(sys._getframe(2))
+    if scan is None:
         return None
+    _caller, flow, modules = scan
+    holders = [(list(m.modules()), m) for m in modules]
+    holders = [(len(subs), m) for subs, m in holders if any(s is observer for s in subs)]
+    if not holders:
+        return None
+    # the largest holder holds every other one (frames are deduplicated innermost first, so
+    # their order does not tell which module is outermost)
+    return _Located(root=max(holders, key=lambda h: h[0])[1], flow=flow)
+
+
+def _locate(x: Any) -> _Located | None:
+    """Find the layer torch is converting when it calls a weight observer on ``x``.
+
+    Returns None when no torch.ao conversion function is on the stack (calibration of FX
+    functional weights, QAT): the observer then behaves exactly like the original. Only the
+    locals of torch.ao frames are read, and a layer is accepted only if its ``.weight`` *is*
+    ``x``, so this does not depend on torch's variable names.
+    """
+    scan = _scan_stack(sys._getframe(2))
+    if scan is None:
+        return None
+    caller, flow, modules = scan
     clamps = caller.startswith("torch.ao.nn.quantized") and ".reference" not in caller
     found = _Located(clamps=clamps, flow=flow)
     for module in modules:  # innermost frames first
@@ -461,6 +540,7 @@ class _Run:
     result: GuardResult
     slots: list[WeightSlot] = field(default_factory=list)
     unguarded: list[str] = field(default_factory=list)
+    probed: bool = False  # the activation defense ran (or was skipped) for this conversion
 
     def add(self, slot: WeightSlot, partial: GuardResult) -> None:
         self.slots = [s for s in self.slots if s.name != slot.name] + [slot]
@@ -498,6 +578,15 @@ class _Session:
         # keyed by weight parameter identity (a WeakKeyDictionary would compare tensors with ==)
         self.fx_samples: Any = WeakIdKeyDictionary()
         self.fx_graphs: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+        # activation defense (static flows): model inputs recorded per calibrated model
+        self.probe = config.activation_defense is not None
+        self.probing = False  # probes are running through a model: observe, record nothing
+        self.model_inputs: weakref.WeakKeyDictionary[Any, _ModelInputs] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.observer_names: weakref.WeakKeyDictionary[Any, dict[int, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __deepcopy__(self, memo: dict) -> _Session:
         return self
@@ -519,9 +608,15 @@ class _Session:
 
         result = GuardResult(framework=FRAMEWORK, defense=self.config.defense)
         result.extra.update(flow=flow, engine=torch.backends.quantized.engine)
-        if self.config.activation_defense is not None:
-            result.extra["activation_defense"] = skipped(self.config, _NO_ACTIVATION_DEFENSE)
-            result.notes.append(f"activation defense skipped: {_NO_ACTIVATION_DEFENSE}")
+        if self.config.activation_defense is None:
+            result.extra["activation_defense"] = dict(TURNED_OFF)
+        elif flow == "dynamic":
+            result.extra["activation_defense"] = skipped(self.config, _DYNAMIC)
+            result.notes.append(f"activation defense skipped: {_DYNAMIC}")
+        else:  # replaced when convert reaches the model's first guarded observer
+            result.extra["activation_defense"] = skipped(
+                self.config, "convert reached no guarded observer of this model"
+            )
         return result
 
     def run_for(self, located: _Located) -> _Run:
@@ -556,10 +651,14 @@ class _Session:
 
         from qcb_guard.guarding import finish, round_slots
 
+        if self.probing:  # a functional weight's observer inside the probes' forward
+            return
         located = _locate(x)
         if located is None:  # not converting: an ordinary observer call
             return
         run = self.run_for(located)
+        if self.probe and located.root is not None:
+            self.probe_ranges(run, located.root)
         shape = tuple(x.shape)
         if located.base is None:
             self.unguarded(
@@ -665,6 +764,124 @@ class _Session:
 
         return calibrate
 
+    # -- activation defense ------------------------------------------------------------
+    def before_qparams(self, observer: Any) -> None:
+        """A guarded activation observer is asked for its qparams: when a conversion runs, this
+        is before convert swaps the first module that reads any (eager ``from_float``, FX's
+        observer replacement), so every observer of the model can still observe the probes."""
+        located = _converting_root(observer)
+        if located is not None:
+            self.probe_ranges(self.run_for(located), located.root)
+
+    def probe_ranges(self, run: _Run, root: Any) -> None:
+        """Once per conversion: run the activation defense on a float copy of ``root`` and the
+        probes through ``root`` itself (eval mode, no grad), so its observers see them."""
+        import torch
+
+        from qcb_guard.activation import run_activation_defense
+
+        if run.probed or self.batch is not None:
+            return
+        run.probed = True
+        x, batch, source = self.calibration_inputs(root)
+        if x is None:
+            run.result.extra["activation_defense"] = skipped(self.config, source)
+            run.result.notes.append(f"activation defense skipped: {source}")
+            return
+        try:
+            model = _float_copy(root)
+        except Exception as exc:  # a model torch.ao prepared but this copy cannot rebuild
+            model, entry = None, _probes_failed(self.config, exc)
+        if model is not None:
+            with torch.random.fork_rng(devices=[]):  # the user's generator state is kept
+                probes, entry = run_activation_defense(model, x, self.config, self.pm)
+            if probes is not None and len(probes):
+                try:
+                    self.observe(root, probes, batch or 256)
+                except Exception as exc:
+                    entry = _probes_failed(self.config, exc)
+        entry["source"] = source
+        run.result.extra["activation_defense"] = entry
+
+    def observe(self, root: Any, probes: torch.Tensor, batch: int) -> None:
+        """Run ``probes`` through the prepared model in chunks of the user's batch size: its
+        observers observe them like calibration data; nothing is recorded."""
+        import torch
+
+        modes = [(m, m.training) for m in root.modules()]
+        self.probing = True
+        try:
+            root.eval()
+            with torch.no_grad():
+                for chunk in probes.split(batch):
+                    root(chunk)
+        finally:
+            self.probing = False
+            for module, training in modes:
+                module.training = training
+
+    def calibration_inputs(self, root: Any) -> tuple[torch.Tensor | None, int | None, str]:
+        """``(inputs, batch size, source)`` of ``root``'s calibration forwards, else
+        ``guard(calibration=...)``, else ``(None, None, why)``."""
+        from qcb_guard.reference import check_calibration
+
+        problem = None
+        for name, module in root.named_modules(remove_duplicate=False):
+            index = module.__dict__.get("_qcb_inputs")
+            store = index.get(name) if isinstance(index, _InputIndex) else None
+            if store is None:
+                continue
+            x = store.samples.tensor()
+            if store.problem is None and x is not None and len(x):
+                return x, store.batch, f"calibration forwards ({len(x)} inputs)"
+            problem = store.problem
+        data = check_calibration(self.config.calibration, "guard(calibration=...)")
+        if data is not None:
+            return data, None, f"guard(calibration=...) ({len(data)} inputs)"
+        why = problem or (
+            "no calibration forward through the prepared model was recorded (run the prepared "
+            "model itself on calibration data before convert, or pass calibration= to guard())"
+        )
+        return None, None, why
+
+    def on_model_input(self, observer: Any) -> None:
+        """Record the input of the calibration forward ``observer`` runs in: the outermost
+        module call on the stack that holds the observer (the prepared model)."""
+        from torch import nn
+
+        code = nn.Module._call_impl.__code__
+        frame, outer = sys._getframe(2), None
+        while frame is not None:
+            if frame.f_code is code:
+                local = frame.f_locals
+                module = local.get("self")
+                if isinstance(module, nn.Module) and id(observer) in self.names_in(module):
+                    outer = (module, local.get("args"), local.get("kwargs"))
+            frame = frame.f_back
+        if outer is None:
+            return
+        module, args, kwargs = outer
+        store = self.model_inputs.get(module)
+        if store is None:
+            store = self.model_inputs[module] = _ModelInputs(self.max_samples)
+            for name, m in module.named_modules(remove_duplicate=False):
+                index = m.__dict__.get("_qcb_inputs")
+                if isinstance(index, _InputIndex) and m.__dict__.get("_qcb_session") is self:
+                    index[name] = store
+        store.add(args, kwargs)
+
+    def names_in(self, module: Any) -> dict[int, str]:
+        """This session's activation observers in ``module``: id → qualified name (cached)."""
+        names = self.observer_names.get(module)
+        if names is None:
+            names = {
+                id(m): name
+                for name, m in module.named_modules(remove_duplicate=False)
+                if isinstance(m, _RecordingActivation) and m.__dict__.get("_qcb_session") is self
+            }
+            self.observer_names[module] = names
+        return names
+
     # -- calibration time --------------------------------------------------------------
     def on_activation(self, observer: Any, x: Any) -> None:
         """Record the layer inputs an activation observer sees during calibration."""
@@ -723,6 +940,49 @@ class _Session:
                 if base.weight not in self.fx_samples:
                     self.fx_samples[base.weight] = _Samples(self.max_samples)
                 self.fx_samples[base.weight].add(x)
+
+
+def _float_copy(root: Any) -> Any:
+    """The float model the activation defense probes: ``root`` without its observers (eager:
+    a deep copy with observer attributes and hooks removed; FX: a graph without observer
+    nodes, sharing ``root``'s modules, which the defense never modifies). Fused modules and
+    folded BatchNorms stay: the probes see the functions the observers observe."""
+    import torch
+    from torch.ao.quantization.quantize import (
+        _is_activation_post_process,
+        _remove_activation_post_process,
+    )
+    from torch.fx import GraphModule
+
+    if isinstance(root, GraphModule):
+        graph = torch.fx.Graph()
+        graph.output(graph.graph_copy(root.graph, {}))
+        for node in list(graph.nodes):
+            if node.op == "call_module" and _is_activation_post_process(
+                root.get_submodule(node.target)
+            ):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        return GraphModule(root, graph)
+    copied = copy.deepcopy(root)
+    for module in list(copied.modules()):
+        _remove_activation_post_process(module)
+    return copied
+
+
+def _probes_failed(config: GuardConfig, exc: Exception) -> dict[str, Any]:
+    """The probes could not be run through the prepared model: raise, or warn and report (the
+    same policy as :func:`qcb_guard.activation.run_activation_defense`)."""
+    if config.on_defense_error == "raise":
+        raise exc
+    why = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"qcb_guard: activation defense {config.activation_defense!r} failed, activation "
+        f"ranges come from the calibration data alone (and any probes observed before the "
+        f"failure) ({why})",
+        stacklevel=5,
+    )
+    return {"defense": config.activation_defense, "failed": why, "probes": 0}
 
 
 # ------------------------------------------------------------------------------------------
@@ -877,6 +1137,7 @@ def _guard_quantize_dynamic(fn: Any, config: GuardConfig, pm: PluginManager) -> 
 
     def guarded(model, qconfig_spec=None, dtype=torch.qint8, mapping=None, inplace=False):
         session = _Session(config, pm)
+        session.probe = False  # dynamic: no static activation ranges (reported as skipped)
         spec = _dynamic_spec(qconfig_spec, dtype)
         if spec is None:
             warnings.warn(

@@ -370,9 +370,13 @@ class Case:
 
 
 class Run:
-    """One guarded nncf.quantize call: its artefact, slots, result and floor plugin."""
+    """One guarded nncf.quantize call: its artefact, slots, result and floor plugin.
+
+    These runs check NNCF's own activation ranges bit for bit: the activation defense is off
+    unless asked for (section 6 tests it)."""
 
     def __init__(self, case: Case, defense: str, report: Path | None = None, **guard_kwargs):
+        guard_kwargs.setdefault("activation_defense", None)
         self.plugin = FloorPlugin()
         self.recorder = SlotRecorder()
         self.report = report
@@ -580,7 +584,7 @@ def test_asymmetric_weights(case):
     )
     plugin, recorder = FloorPlugin(), SlotRecorder()
     pm = make_plugin_manager(autoload=False, plugins=[plugin, recorder], block=[])
-    quantize = guard(nncf.quantize, defense="floor", pm=pm)
+    quantize = guard(nncf.quantize, defense="floor", pm=pm, activation_defense=None)
     if case.backend == "torchfx":
         with pytest.raises(UnsupportedObjectError, match="zero points"):
             case.quantize(quantize, advanced_parameters=advanced)
@@ -626,7 +630,7 @@ def test_unsupported_weights_are_named(case):
         WithTranspose().eval(), (case.images[0],), buffer, dynamo=False, input_names=["x"]
     )
     pm = make_plugin_manager(autoload=False, plugins=[FloorPlugin()], block=[])
-    quantize = guard(nncf.quantize, defense="floor", pm=pm)
+    quantize = guard(nncf.quantize, defense="floor", pm=pm, activation_defense=None)
     with pytest.warns(UserWarning, match="ConvTranspose"):
         quantize(onnx.load_from_string(buffer.getvalue()), case.dataset(), subset_size=N_CAL)
     extra = quantize.last_result.extra["nncf"]
@@ -661,11 +665,12 @@ def test_calibration_argument_is_the_fallback(case):
     extra = torch.cat(case.images[:5])
     plugin = FloorPlugin()
     pm = make_plugin_manager(autoload=False, plugins=[plugin], block=[])
-    quantize = guard(nncf.quantize, defense="floor-data", pm=pm, calibration=extra)
+    off = {"activation_defense": None}  # probing reads the items once, before NNCF (section 6)
+    quantize = guard(nncf.quantize, defense="floor-data", pm=pm, calibration=extra, **off)
     quantize(case.model, case.dataset(iter(case.images)), subset_size=N_CAL)
     assert [len(c.fp_inputs) for c in plugin.seen.values()] == [5, 5, 5]
     assert quantize.last_result.extra["nncf"]["calibration"] == "guard(calibration=...)"
-    no_fallback = guard(nncf.quantize, defense="floor-data", pm=pm)
+    no_fallback = guard(nncf.quantize, defense="floor-data", pm=pm, **off)
     with pytest.raises(DataError, match="calibration="):
         no_fallback(case.model, case.dataset(iter(case.images)), subset_size=N_CAL)
 
@@ -741,7 +746,241 @@ def test_plugin_and_matches_do_not_import_nncf():
 
 
 # --------------------------------------------------------------------------------------
-# 5. The docs example: NNCF's tutorial code plus one line.
+# 5. The activation defense: probe items appended to the items NNCF calibrates on.
+# --------------------------------------------------------------------------------------
+
+#: Planted unit 0 of ``Planted.fc1``: silent on clean images, ``REACH`` at pixel value 1.
+REACH = 8.0
+
+
+class Planted(nn.Module):
+    """A static-activation QCB in miniature: hidden unit 0 reads only the last pixel (weight
+    16, bias -8), so it is silent on the clean images (pixels in [0, 0.5]) and reaches
+    ``REACH`` = 8 at pixel value 1, where no other unit comes near (|w| <= 1/8 over 64
+    pixels). A range calibrated on clean data clips it; the probed range must cover 8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.fc1.weight[0] = 0.0
+            self.fc1.weight[0, 63] = 2 * REACH
+            self.fc1.bias[0] = -REACH
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class PlantedCase:
+    """The planted model on one backend, fed as NNCF's tutorials feed it: the torch backend
+    from a DataLoader of (image, label) batches of 4 through a ``transform_fn`` (NNCF then
+    turns on batch-wise statistics), TorchFX from single images (exported for batch 1),
+    ONNX from single images turned into feed dicts by a ``transform_fn``."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.net = Planted().eval()
+        gen = torch.Generator().manual_seed(2)
+        self.x = torch.rand(32, 1, 8, 8, generator=gen) * 0.5  # clean: unit 0 silent
+        one = self.x[:1]
+        if backend == "torch":
+            self.model = self.net
+        elif backend == "torchfx":
+            self.model = torch.export.export(self.net, (one,)).module()
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(self.net, (one,), buffer, dynamo=False, input_names=["x"])
+            self.model = onnx.load_from_string(buffer.getvalue())
+
+    def dataset(self):
+        if self.backend == "torch":
+            labelled = torch.utils.data.TensorDataset(self.x, torch.zeros(len(self.x)))
+            loader = torch.utils.data.DataLoader(labelled, batch_size=4)
+            return nncf.Dataset(loader, lambda batch: batch[0])
+        images = list(self.x.split(1))
+        if self.backend == "onnx":
+            return nncf.Dataset(images, lambda x: {"x": x.numpy()})
+        return nncf.Dataset(images)
+
+    def quantize(self, fn, **kwargs):
+        return fn(self.model, self.dataset(), **kwargs)
+
+    def highs(self, artefact) -> list[float]:
+        """Upper ends of the per-tensor activation ranges in the artefact (input, hidden)."""
+        if self.backend == "torch":
+            from nncf.torch.function_hook import get_hook_storage
+            from nncf.torch.quantization.layers import SymmetricQuantizer
+
+            return [
+                float(m.scale.abs())
+                for m in get_hook_storage(artefact).modules()
+                if isinstance(m, SymmetricQuantizer) and m.scale.numel() == 1
+            ]
+        if self.backend == "torchfx":
+            target = torch.ops.quantized_decomposed.quantize_per_tensor.default
+            return [
+                float(n.args[1]) * (n.args[4] - n.args[2])
+                for n in artefact.graph.nodes
+                if n.op == "call_function" and n.target == target
+            ]
+        inits = {t.name: nh.to_array(t) for t in artefact.graph.initializer}
+        out = []
+        for n in artefact.graph.node:
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+                zp = inits[n.input[2]]
+                top = 255 if zp.dtype.kind == "u" else 127
+                out.append(float(inits[n.input[1]]) * (top - int(zp)))
+        return out
+
+    def outputs(self, artefact) -> torch.Tensor:
+        if self.backend == "onnx":
+            session = ort.InferenceSession(
+                artefact.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+            return torch.cat(
+                [torch.from_numpy(session.run(None, {"x": x.numpy()})[0]) for x in self.x.split(1)]
+            )
+        with torch.no_grad():
+            return torch.cat([artefact(x) for x in self.x.split(1)])
+
+
+class BrokenProbe:
+    """An activation defense that fails (e.g. a model it cannot differentiate)."""
+
+    @hookimpl
+    def qcb_guard_register_activation_defenses(self, register):
+        def broken(model, calibration, *, seed=0):
+            raise RuntimeError("model is not differentiable")
+
+        register("broken", broken)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def planted(request) -> PlantedCase:
+    return PlantedCase(request.param)
+
+
+def test_range_probe_covers_the_clipped_unit(planted, tmp_path):
+    """Clean calibration clips unit 0 (NNCF's range stays far below 8); with the default
+    activation defense NNCF's own range of that tensor covers what unit 0 reaches, and the
+    report says what ran; turned off, NNCF's artefact is the unguarded one."""
+    pm = make_plugin_manager(autoload=False, plugins=[], block=[])
+    unguarded = planted.quantize(nncf.quantize)
+    turned_off = guard(nncf.quantize, defense="nearest", activation_defense=None, pm=pm)
+    off = planted.quantize(turned_off)
+    assert turned_off.last_result.extra["activation_defense"]["defense"] is None
+    report = tmp_path / "probed.json"
+    quantize = guard(nncf.quantize, defense="nearest", report=report, pm=pm)
+    probed = planted.quantize(quantize)
+
+    plain = planted.highs(unguarded)
+    assert len(plain) == 2 and max(plain) < REACH / 2  # the planted unit is clipped
+    assert planted.highs(off) == plain
+    assert torch.equal(planted.outputs(off), planted.outputs(unguarded))
+    highs = planted.highs(probed)
+    assert len(highs) == 2
+    assert REACH * 0.99 <= max(highs) <= REACH * 1.01  # NNCF's range covers the probed unit
+    assert min(highs) <= 1.0 + 1e-6  # the input's range stays within valid inputs [0, 1]
+
+    entry = json.loads(report.read_text())["extra"]["activation_defense"]
+    assert entry["defense"] == "range-probe" and entry["probes"] == 16  # one per hidden unit
+    n_items = 8 if planted.backend == "torch" else 32  # batches of 4, or single images
+    assert entry["calibration"] == 32  # images the probes start from
+    per_item = 4 if planted.backend == "torch" else 1
+    assert entry["probe_items"] == -(-16 // per_item)
+    assert entry["subset_size"] == n_items + entry["probe_items"]
+    assert "min/max" in entry["range_estimator"] and entry["seconds"] >= 0
+
+
+def test_rounding_defense_learns_from_the_users_items_only():
+    """The rounding defense gets the user's items (probes only reach NNCF's observers), and
+    NNCF's bias correction is re-applied over the items NNCF read (probes included)."""
+    planted = PlantedCase("torch")
+    seen = {}
+    for activation in (None, "range-probe"):
+        plugin = FloorPlugin()
+        pm = make_plugin_manager(autoload=False, plugins=[plugin], block=[])
+        quantize = guard(nncf.quantize, defense="floor-data", activation_defense=activation, pm=pm)
+        planted.quantize(quantize)
+        seen[activation] = plugin.seen
+        assert quantize.last_result.extra["nncf"]["bias_recomputed"]  # floor moved the biases
+    assert seen[None].keys() == seen["range-probe"].keys()
+    for name, cal in seen[None].items():
+        assert len(cal.fp_inputs) == 32
+        assert torch.equal(seen["range-probe"][name].fp_inputs, cal.fp_inputs), name
+
+
+def test_failing_activation_defense_warns_and_keeps_nncfs_ranges():
+    """A failing activation defense is never silent: a warning, ``failed`` in the report, and
+    NNCF calibrates on the user's items alone (its ranges are the unguarded ones)."""
+    planted = PlantedCase("torch")
+    pm = make_plugin_manager(autoload=False, plugins=[BrokenProbe()], block=[])
+    quantize = guard(nncf.quantize, defense="nearest", activation_defense="broken", pm=pm)
+    with pytest.warns(UserWarning, match="activation defense 'broken' failed"):
+        artefact = planted.quantize(quantize)
+    entry = quantize.last_result.extra["activation_defense"]
+    assert "not differentiable" in entry["failed"] and entry["probes"] == 0
+    assert planted.highs(artefact) == planted.highs(planted.quantize(nncf.quantize))
+
+
+def test_onnx_model_the_converter_cannot_read_is_a_reported_failure():
+    """range-probe needs the ONNX model in torch (qcb_guard.onnx_torch); an op the converter
+    lacks (here Sin) is a failure of the activation defense, not of NNCF."""
+
+    class WithSin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 4)
+
+        def forward(self, x):
+            return torch.sin(self.fc(x.flatten(1)))
+
+    case = PlantedCase("onnx")
+    buffer = io.BytesIO()
+    torch.onnx.export(WithSin().eval(), (case.x[:1],), buffer, dynamo=False, input_names=["x"])
+    case.model = onnx.load_from_string(buffer.getvalue())
+    pm = make_plugin_manager(autoload=False, plugins=[], block=[])
+    quantize = guard(nncf.quantize, defense="nearest", pm=pm)
+    with pytest.warns(UserWarning, match="op.s. Sin are not supported"):
+        artefact = case.quantize(quantize)
+    assert "Sin are not supported" in quantize.last_result.extra["activation_defense"]["failed"]
+    assert case.highs(artefact) == case.highs(case.quantize(nncf.quantize))
+
+
+def test_probing_reads_a_one_shot_iterator_once():
+    """Probing reads NNCF's items before NNCF runs and hands NNCF those items: a one-shot
+    iterator then serves NNCF, the probes and the rounding defense."""
+    case = PlantedCase("torch")
+    plugin = FloorPlugin()
+    pm = make_plugin_manager(autoload=False, plugins=[plugin], block=[])
+    quantize = guard(nncf.quantize, defense="floor-data", pm=pm)
+    quantize(case.model, nncf.Dataset(iter(case.x.split(4))))
+    assert [len(c.fp_inputs) for c in plugin.seen.values()] == [32, 32]
+    assert quantize.last_result.extra["activation_defense"]["probes"] == 16
+
+
+def test_probe_items_take_the_form_of_the_users_items():
+    """Probe items are model inputs in the form of the user's items (after ``transform_fn``):
+    a tensor, a one-element tuple or a one-entry feed dict, same dtype and batch size;
+    items that are not one float input are skipped with the reason."""
+    from qcb_guard_plugins.adapter_nncf import _ItemForm
+
+    x = torch.rand(2, 1, 8, 8)
+    for bad in ([(x, x)], [x, x[:, :, :4]], [x.long()], [{"a": x, "b": x}]):
+        assert "one float tensor" in _ItemForm.of(bad)
+    probes = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    feeds = _ItemForm.of([{"x": x.numpy()}, {"x": x.numpy()}])
+    assert feeds.batch == 2 and torch.equal(feeds.stack([{"x": x.numpy()}]), x)
+    made = feeds.item(probes)
+    assert set(made) == {"x"} and made["x"].dtype == x.numpy().dtype
+    assert torch.equal(torch.from_numpy(made["x"]), probes.float())
+    made = _ItemForm.of([(x,)]).item(probes)
+    assert isinstance(made, tuple) and len(made) == 1 and made[0].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# 6. The docs example: NNCF's tutorial code plus one line.
 # --------------------------------------------------------------------------------------
 
 
