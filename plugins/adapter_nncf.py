@@ -337,7 +337,7 @@ def _with_probes(
     """
     import nncf
 
-    from qcb_guard.activation import fill_batches, run_activation_defense
+    from qcb_guard.activation import defense_failed, fill_batches, run_activation_defense
 
     items = data.read()
     if not items:
@@ -350,7 +350,7 @@ def _with_probes(
     try:
         model = flow_cls.probe_model(arguments["model"])
     except Exception as exc:  # e.g. an ONNX op the ONNX→torch converter lacks
-        return call, _probes_failed(config, exc)
+        return call, defense_failed(config, exc)
     probes, entry = run_activation_defense(model, form.stack(items), config, pm)
     if probes is None or len(probes) == 0:
         return call, entry
@@ -454,20 +454,6 @@ def _min_max_activations(advanced: Any) -> tuple[Any, str]:
         return params, "min/max aggregation (NNCF's default averages per-item min/max)"
     chosen = f"{estimator.min.aggregator_type}/{estimator.max.aggregator_type}"
     return params, f"the caller's ({chosen}; an averaging aggregator dilutes the probes)"
-
-
-def _probes_failed(config: GuardConfig, exc: Exception) -> dict[str, Any]:
-    """The model could not be prepared for probing: raise, or warn and report (the policy of
-    :func:`qcb_guard.activation.run_activation_defense`)."""
-    if config.on_defense_error == "raise":
-        raise exc
-    why = f"{type(exc).__name__}: {exc}"
-    warnings.warn(
-        f"qcb_guard: activation defense {config.activation_defense!r} failed, activation "
-        f"ranges come from the calibration data alone ({why})",
-        stacklevel=5,
-    )
-    return {"defense": config.activation_defense, "failed": why, "probes": 0}
 
 
 # --------------------------------------------------------------------------------------

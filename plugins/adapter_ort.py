@@ -211,7 +211,8 @@ def _with_probes(
     import torch
     from qcb_guard_plugins import _onnx_util as ou
 
-    from qcb_guard.activation import fill_batches, run_activation_defense
+    from qcb_guard.activation import defense_failed, fill_batches, run_activation_defense
+    from qcb_guard.onnx_torch import onnx_to_torch
 
     feeds = ou.feeds_from(reader, fp_model)
     names = {name for feed in feeds for name in feed}
@@ -220,7 +221,11 @@ def _with_probes(
         return feeds, _list_reader(feeds), skipped(config, why)
     (name,) = names
     x = torch.from_numpy(np.concatenate([f[name] for f in feeds]).astype(np.float32))
-    probes, entry = run_activation_defense(fp_model, x, config, pm)
+    try:
+        model = onnx_to_torch(fp_model)  # input gradients need torch (hookspec: converted)
+    except Exception as exc:  # e.g. an op the converter lacks: this model cannot be probed
+        return feeds, _list_reader(feeds), defense_failed(config, exc)
+    probes, entry = run_activation_defense(model, x, config, pm)
     if probes is None or len(probes) == 0:
         return feeds, _list_reader(feeds), entry
     fixed = ou.fixed_batch(ou.graph_inputs(fp_model)[0])

@@ -778,7 +778,7 @@ class _Session:
         probes through ``root`` itself (eval mode, no grad), so its observers see them."""
         import torch
 
-        from qcb_guard.activation import run_activation_defense
+        from qcb_guard.activation import defense_failed, run_activation_defense
 
         if run.probed or self.batch is not None:
             return
@@ -791,7 +791,7 @@ class _Session:
         try:
             model = _float_copy(root)
         except Exception as exc:  # a model torch.ao prepared but this copy cannot rebuild
-            model, entry = None, _probes_failed(self.config, exc)
+            model, entry = None, defense_failed(self.config, exc)
         if model is not None:
             with torch.random.fork_rng(devices=[]):  # the user's generator state is kept
                 probes, entry = run_activation_defense(model, x, self.config, self.pm)
@@ -799,7 +799,9 @@ class _Session:
                 try:
                     self.observe(root, probes, batch or 256)
                 except Exception as exc:
-                    entry = _probes_failed(self.config, exc)
+                    entry = defense_failed(
+                        self.config, exc, after=" (and any probes observed before the failure)"
+                    )
         entry["source"] = source
         run.result.extra["activation_defense"] = entry
 
@@ -968,21 +970,6 @@ def _float_copy(root: Any) -> Any:
     for module in list(copied.modules()):
         _remove_activation_post_process(module)
     return copied
-
-
-def _probes_failed(config: GuardConfig, exc: Exception) -> dict[str, Any]:
-    """The probes could not be run through the prepared model: raise, or warn and report (the
-    same policy as :func:`qcb_guard.activation.run_activation_defense`)."""
-    if config.on_defense_error == "raise":
-        raise exc
-    why = f"{type(exc).__name__}: {exc}"
-    warnings.warn(
-        f"qcb_guard: activation defense {config.activation_defense!r} failed, activation "
-        f"ranges come from the calibration data alone (and any probes observed before the "
-        f"failure) ({why})",
-        stacklevel=5,
-    )
-    return {"defense": config.activation_defense, "failed": why, "probes": 0}
 
 
 # ------------------------------------------------------------------------------------------

@@ -84,15 +84,7 @@ def run_activation_defense(
     except ConfigError:
         raise  # the user's options are wrong: never a fallback
     except Exception as exc:
-        if config.on_defense_error == "raise":
-            raise
-        why = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"qcb_guard: activation defense {name!r} failed, activation ranges come from the "
-            f"calibration data alone ({why})",
-            stacklevel=3,
-        )
-        return None, {"defense": name, "failed": why, "probes": 0}
+        return None, defense_failed(config, exc)
     return inputs, {
         "defense": name,
         "probes": int(inputs.shape[0]),
@@ -100,6 +92,21 @@ def run_activation_defense(
         "seconds": round(time.perf_counter() - start, 3),
         "notes": list(result.notes),
     }
+
+
+def defense_failed(config: Any, exc: Exception, *, after: str = "") -> dict[str, Any]:
+    """The activation defense could not run (or its probes could not be fed): raise when
+    ``config.on_defense_error == "raise"``, else warn and return the report entry; the flow
+    then calibrates on its own data (``after`` says what else the observers saw)."""
+    if config.on_defense_error == "raise":
+        raise exc
+    why = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"qcb_guard: activation defense {config.activation_defense!r} failed, activation "
+        f"ranges come from the calibration data alone{after} ({why})",
+        stacklevel=4,
+    )
+    return {"defense": config.activation_defense, "failed": why, "probes": 0}
 
 
 def skipped(config: Any, why: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from qcb_guard.algorithms.range_probe import (
     RangeProbeConfig,
     find_sites,
     range_probe,
+    tail_repeats,
 )
 from qcb_guard.attacks.simulate import calibrate, preset
 from qcb_guard.errors import ConfigError, DataError
@@ -104,6 +105,51 @@ def test_finds_a_dead_suppressor_and_widens_the_static_range():
     before = calibrate(model, target, x)["fc2"][1]
     after = calibrate(model, target, torch.cat([x, probes]))["fc2"][1]
     assert before < 2 and after > 25  # the flow's own min/max now covers the suppressor
+
+
+def test_tail_repeats_reach_the_mass_cheapest_sites_first():
+    # probe 0 is out of range at site 0 (4 of 16 values), probe 1 at site 1 (1 of 1,000)
+    outside = torch.tensor([[4.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    numel, calibration = [16, 1000], 100
+    repeats, short = tail_repeats(outside, numel, calibration, 1e-2, 10_000)
+    assert short == [] and repeats[2] == 1 and (repeats >= 1).all()
+    total = calibration + int(repeats.sum())
+    assert repeats[0] * 4 >= 1e-2 * total * 16  # site 0 holds its mass
+    # site 1's best share (1e-3) is below the mass: it gets half its best share, not ∞
+    assert repeats[1] * 1 >= 0.5e-3 * total * 1000 and repeats.sum() < 10_000
+    assert torch.equal(tail_repeats(outside, numel, calibration, 0.0, 10)[0], torch.ones(3))
+    # a budget serves the cheap site and reports the other one
+    capped, short = tail_repeats(outside, numel, calibration, 1e-2, 20)
+    assert short == [1] and capped.sum() <= 20 and capped[0] > 1 and capped[1] == 1
+
+
+def test_repeated_probes_survive_a_histogram_calibrator():
+    """PT2E's / torch.ao's HistogramObserver drops the outermost 1e-5 of the mass first:
+    a lone probe is clipped however far out it lies; repeated to the tail mass, it counts."""
+    from torch.ao.quantization.observer import HistogramObserver
+
+    model, x = Suppressed(), _images(256)
+    relu_out = []
+    model.relu.register_forward_hook(lambda m, i, o: relu_out.append(o))
+
+    def calibrated_max(inputs: torch.Tensor) -> float:
+        observer = HistogramObserver(dtype=torch.quint8)
+        relu_out.clear()
+        with torch.no_grad():
+            for chunk in inputs.split(64):
+                model(chunk)
+        for out in relu_out:
+            observer(out)
+        scale, zero_point = observer.calculate_qparams()
+        return float(scale) * (255 - int(zero_point))
+
+    # a calibration set big enough that one probe value is under the 1e-5 mass step
+    x = torch.cat([x] * 30)
+    lone = range_probe(model, x, RangeProbeConfig(**FAST, tail_mass=0.0)).inputs
+    heavy = range_probe(model, x, RangeProbeConfig(**FAST)).inputs
+    assert len(heavy) > len(lone)
+    assert calibrated_max(torch.cat([x, lone])) < 5  # clipped: the suppressor stays dead
+    assert calibrated_max(torch.cat([x, heavy])) > 25  # covered
 
 
 def test_every_activation_kind_and_residuals_are_sites():

@@ -170,6 +170,15 @@ class RangeProbeConfig:
     :param keep: ``"all"`` returns every probe (one per unit: histogram calibrators such as
         PT2E's ``HistogramObserver`` clip a lone outlier); ``"site"`` returns, per site and
         direction, only the probe reaching the extreme (enough for min/max calibration).
+    :param tail_mass: repeat the probes that reach far beyond a site's calibrated range
+        until, at every site, their values in the far half of the range the probes add make up
+        at least this fraction of all the values the site's observer sees (calibration +
+        probes). Histogram calibrators (PT2E's and torch.ao's ``HistogramObserver``) always
+        drop the outermost 1e-5 of the mass in their range search, so lone probes are clipped
+        however far out they lie. ``0`` returns each probe once (enough for min/max
+        calibrators).
+    :param max_inputs: most inputs returned after repetition (the calibration cost bound);
+        when the repeats would exceed it they are scaled down and ``notes`` says so.
     :param low: smallest valid input value.
     :param high: largest valid input value.
     :param min_calibration: fewest calibration inputs accepted (probes start from them).
@@ -186,13 +195,18 @@ class RangeProbeConfig:
     leaky: float = 0.1
     sites: str = "activations"
     keep: str = "all"
+    tail_mass: float = 3e-5
+    max_inputs: int = 4096
     low: float = 0.0
     high: float = 1.0
     min_calibration: int = 8
     progress: bool = False
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 1), ("patience", 1), ("min_calibration", 1)):
+        for name, low in (
+            ("steps", 1), ("batch_size", 1), ("patience", 1), ("min_calibration", 1),
+            ("max_inputs", 1),
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
@@ -214,6 +228,8 @@ class RangeProbeConfig:
             raise ConfigError(f"leaky must be in [0, 1], got {self.leaky!r}")
         if self.sites not in SITE_KINDS:
             raise ConfigError(f"sites must be one of {SITE_KINDS}, got {self.sites!r}")
+        if not _finite(self.tail_mass) or not 0 <= self.tail_mass < 0.5:
+            raise ConfigError(f"tail_mass must be in [0, 0.5), got {self.tail_mass!r}")
         if self.keep not in ("site", "all"):
             raise ConfigError(f"keep must be 'site' or 'all', got {self.keep!r}")
         if not (_finite(self.low) and _finite(self.high) and self.low < self.high):
@@ -683,6 +699,12 @@ def range_probe(
         notes.append(f"{len(bad)} probe(s) produced non-finite activations and were dropped")
     done = [u for u in done if math.isfinite(u.value)]
     inputs, details = _collect(net, sites, done, calibration, config)
+    if details.get("tail_short_sites"):
+        notes.append(
+            f"max_inputs={config.max_inputs}: tail_mass={config.tail_mass} not met at "
+            f"{len(details['tail_short_sites'])} site(s) (histogram calibrators may clip their "
+            "rarest probes): " + ", ".join(details["tail_short_sites"])
+        )
     details.update(
         units_total=total_units,
         units_scheduled=len(units),
@@ -738,12 +760,12 @@ def _collect(
             if key not in top or u.value > top[key].value:
                 top[key] = u
         chosen = list(top.values())
-    probes = torch.stack([u.probe for u in chosen])
     # Reachable extremes per site over every probe found (all units, not only those kept).
     every = torch.stack([u.probe for u in units])
     reach_hi = [-math.inf] * len(sites)
     reach_lo = [math.inf] * len(sites)
     unit_peak: dict[tuple[int, int], float] = {}
+    numel = [1] * len(sites)  # values per input at each site
     with torch.no_grad():
         for s in range(0, len(every), 256):
             calls = _run(model, every[s : s + 256], linear_ops=config.sites == "all")
@@ -751,6 +773,7 @@ def _collect(
                 out = calls[site.index]["output"]
                 reach_hi[k] = max(reach_hi[k], float(out.max()))
                 reach_lo[k] = min(reach_lo[k], float(out.min()))
+                numel[k] = out[0].numel()
             for off, u in enumerate(units[s : s + 256]):
                 out = calls[sites[u.site].index]["output"][off]
                 peak = (
@@ -793,10 +816,102 @@ def _collect(
                 ],
             }
         )
+    probes = torch.stack([u.probe for u in chosen])
+    outside = _far_values(model, sites, probes, reach_lo, reach_hi, config)
+    repeats, short = tail_repeats(
+        outside, numel, len(calibration), config.tail_mass, config.max_inputs
+    )
+    probes = probes.repeat_interleave(repeats, dim=0)
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     details = {
         "sites": rows,
         "max_ratio": max(ratios) if ratios else None,
         "probes_returned": len(chosen),
+        "inputs_returned": len(probes),
+        "repeated_probes": int((repeats > 1).sum()),
+        "tail_short_sites": [sites[k].label for k in short],
     }
     return probes, details
+
+
+def _far_values(
+    model: nn.Module,
+    sites: list[Site],
+    probes: Tensor,
+    reach_lo: list[float],
+    reach_hi: list[float],
+    config: RangeProbeConfig,
+) -> Tensor:
+    """``[P, S]``: values of each probe at each site in the far half of the range the probes
+    add (beyond the midpoint between calibrated and reachable extreme). A histogram
+    calibrator keeps the range's extreme only if these carry mass; what lies between is then
+    covered too (ranges are intervals)."""
+    hi = [s.out_high + (r - s.out_high) / 2 for s, r in zip(sites, reach_hi, strict=True)]
+    lo = [s.out_low - (s.out_low - r) / 2 for s, r in zip(sites, reach_lo, strict=True)]
+    far = torch.zeros(len(probes), len(sites))
+    with torch.no_grad():
+        for start in range(0, len(probes), 256):
+            calls = _run(model, probes[start : start + 256], linear_ops=config.sites == "all")
+            for k, site in enumerate(sites):
+                flat = calls[site.index]["output"].reshape(len(calls[site.index]["output"]), -1)
+                count = (flat > max(hi[k], site.out_high)).sum(1)
+                count += (flat < min(lo[k], site.out_low)).sum(1)
+                far[start : start + len(flat), k] = count.float()
+    return far
+
+
+def tail_repeats(
+    outside: Tensor, numel: list[int], calibration: int, mass: float, max_inputs: int
+) -> tuple[Tensor, list[int]]:
+    """How often to return each probe so that, at every site, the probes' out-of-range values
+    make up at least ``mass`` of all the values the site's observer sees.
+
+    Sites are served cheapest first while the total stays within ``max_inputs`` (never fewer
+    than one copy of each probe), so a budget protects as many sites as it can.
+
+    :param outside: ``[P, S]`` out-of-range values of probe ``p`` at site ``s``.
+    :param numel: values per input at each site.
+    :param calibration: clean calibration inputs the observer also sees.
+    :return: ``[P]`` repeat counts ≥ 1, and the sites left short by the budget.
+    """
+    repeats = torch.ones(len(outside))
+    if mass <= 0 or not len(outside):
+        return repeats.long(), []
+    share = outside / torch.tensor(numel, dtype=torch.float32)  # [P, S] fraction per copy
+    # Copies of probe p push site s's fraction towards share[p, s] at most: a site whose best
+    # probe stays below `mass` is asked for half its best share (reachable with finite copies).
+    target = torch.minimum(torch.full((share.shape[1],), mass), share.amax(0) / 2)
+    needy = [s for s in range(share.shape[1]) if target[s] > 0]
+    alone = {s: float(_serve(repeats, share, target, calibration, [s]).sum()) for s in needy}
+    served: list[int] = []
+    short: list[int] = []
+    for s in sorted(needy, key=alone.__getitem__):
+        trial = _serve(repeats, share, target, calibration, [*served, s])
+        if trial.sum() <= max(max_inputs, len(outside)):
+            repeats, served = trial, [*served, s]
+        else:
+            short.append(s)
+    return repeats.long(), sorted(short)
+
+
+def _serve(
+    repeats: Tensor, share: Tensor, target: Tensor, calibration: int, sites: list[int]
+) -> Tensor:
+    """Raise ``repeats`` until every site in ``sites`` holds its target fraction."""
+    repeats = repeats.clone()
+    for _ in range(16):  # growing the total dilutes the other sites: iterate to a fixed point
+        changed = False
+        for s in sites:
+            helps = share[:, s] > target[s]  # only these copies raise the site's fraction
+            have = float(repeats @ share[:, s])  # out-of-range values / values per input
+            total = calibration + float(repeats.sum())
+            if have >= target[s] * total:
+                continue
+            # scale the helpful copies by k: have + (k-1)·h ≥ target·(total + (k-1)·n)
+            h, n = float(repeats[helps] @ share[helps, s]), float(repeats[helps].sum())
+            k = 1 + (target[s] * total - have) / max(h - target[s] * n, 1e-12)
+            repeats[helps] = torch.ceil(repeats[helps] * k)
+            changed = True
+        if not changed:
+            break
+    return repeats
