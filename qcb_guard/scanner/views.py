@@ -151,7 +151,7 @@ class OnnxView:
     """
 
     def __init__(self, model: Any, name: str = "model.onnx"):
-        from qcb_guard_plugins import _onnx_util as ou
+        from qcb_guard import onnx_graph as ou
 
         self.proto = model
         self.name = name
@@ -194,7 +194,7 @@ class OnnxView:
 
     def _make_session(self, weights: dict[str, Tensor] | None) -> Any:
         import onnxruntime as ort
-        from qcb_guard_plugins import _onnx_util as ou
+        from qcb_guard import onnx_graph as ou
 
         proto = self.proto
         if weights:
