@@ -3,7 +3,9 @@
 Weight statistics (bin position, truncation-error outliers) work on any slots, including
 the flow's own inside ``guard(..., scan=True)``. Rounding sensitivity needs to run the
 model: it answers only when :func:`qcb_guard.scanner.scan` hands the hook a model view and
-probes.
+probes. Activation reach (opt-in: ``signals=(..., "activation_reach")``) needs the float
+model and calibration data; it does not depend on the weight grid, so it runs and reports
+once per scan.
 """
 
 from __future__ import annotations
@@ -154,6 +156,72 @@ def rounding_finding(p_fp, p_q, exact, nulls, probes, name: str, threshold: Any)
     )
 
 
+#: The convention an activation-reach finding is filed under: it concerns the activation
+#: ranges of any static flow, not one weight grid.
+STATIC_ACTIVATIONS = "static-activations"
+
+
+def _torch_model(view: Any) -> Any:
+    """The float model behind a scan view, as a differentiable torch module."""
+    model = getattr(view, "model", None)
+    if model is not None:
+        return model
+    from qcb_guard.onnx_torch import onnx_to_torch
+
+    return onnx_to_torch(view.proto)
+
+
+def activation_reach_findings(calibration: Any, context: Any, threshold: Any) -> list:
+    """Activation reach, once per scan (the first grid to ask computes it)."""
+    if context.shared.get("activation_reach_done"):
+        return []
+    context.shared["activation_reach_done"] = True
+    from dataclasses import replace
+
+    from qcb_guard.scanner.activation_reach import activation_reach
+
+    scan_config = context.config
+    x = calibration[: scan_config.clean]
+    reach_config = scan_config.reach_config()
+    if scan_config.progress and "progress" not in reach_config.probe:
+        reach_config = replace(reach_config, probe={**reach_config.probe, "progress": True})
+    result = activation_reach(_torch_model(context.view), x, reach_config, seed=scan_config.seed)
+    return [reach_finding(result, threshold("activation_reach"))]
+
+
+def reach_finding(result: Any, threshold: float) -> Any:
+    from qcb_guard.scanner import Finding
+
+    worst = result.worst
+    if worst is None:
+        text = "no activation function found: nothing a static flow could clip"
+    else:
+        unit = worst["top_units"][0]
+        text = (
+            f"{worst['layer']} unit {unit['unit']} can be driven to "
+            f"{unit['reach_over_bulk']:.1f}x the clean peak of the layer's typical unit "
+            f"({unit['reach_over_range']:.2f}x the clean calibrated range, clean peak "
+            f"{unit['clean_over_bulk']:.1f}x); a static int8 flow must clip it or spend its "
+            "range on it, which is where activation-range QCBs hide their suppressors"
+        )
+    return Finding(
+        signal="activation_reach",
+        convention=STATIC_ACTIVATIONS,
+        statistic=result.statistic,
+        threshold=threshold,
+        explanation=text,
+        layers=result.layers,
+        details={
+            "worst_layer": None if worst is None else worst["layer"],
+            "max_ratio": max((r["ratio"] for r in result.layers), default=None),
+            "units_probed": result.units_probed,
+            "units_total": result.units_total,
+            "seconds": round(result.seconds, 3),
+            "notes": result.notes,
+        },
+    )
+
+
 @hookimpl
 def qcb_guard_scan(slots, calibration, config):
     if not slots:
@@ -174,4 +242,11 @@ def qcb_guard_scan(slots, calibration, config):
             )
     if wants("rounding_sensitivity") and getattr(config, "probes", None) is not None:
         findings.extend(behaviour_findings(slots, config, threshold))
+    if (
+        wants("activation_reach")
+        and getattr(config, "view", None) is not None
+        and calibration is not None
+        and config.config.behaviour
+    ):
+        findings.extend(activation_reach_findings(calibration, config, threshold))
     return findings

@@ -5,7 +5,8 @@ trigger, before it is deployed.
 (:mod:`~qcb_guard.scanner.conventions`) and asks the ``qcb_guard_scan`` hook of every plugin
 for evidence. The built-in plugin (``plugins/scan.py``) contributes three validated signals:
 where weights sit in their rounding bins, neuron-wise truncation-error outliers, and
-rounding sensitivity on clean and patched probes. Each finding
+rounding sensitivity on clean and patched probes; and, on request (it runs gradient ascent
+per activation unit), activation reach against static activation ranges. Each finding
 carries a statistic, the threshold it is measured against (calibrated on benign models,
 docs/scanner.md) and an explanation; the verdict is ``suspicious`` when any evidence reaches
 its threshold.
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_BITS",
     "DEFAULT_FRAMEWORKS",
     "FRAMEWORKS",
+    "OPT_IN_SIGNALS",
     "SCHEMA",
     "SIGNALS",
     "SYNTHETIC_THRESHOLDS",
@@ -48,8 +50,12 @@ __all__ = [
 
 SCHEMA = "qcb_guard.scan/1"
 
-#: The built-in signals, in report order.
+#: The built-in signals a default scan runs, in report order.
 SIGNALS = ("bin_position", "truncation_error", "rounding_sensitivity")
+
+#: Built-in signals that run only when named in ``ScanConfig.signals`` (costly: activation
+#: reach runs gradient ascent for every activation unit, docs/scanner.md).
+OPT_IN_SIGNALS = ("activation_reach",)
 
 #: Evidence thresholds: 1.5 x the largest statistic over eight benign calibration models
 #: that are not in the benchmark population (benchmarks/scanner.py recomputes them;
@@ -58,6 +64,9 @@ THRESHOLDS: dict[str, float] = {
     "bin_position": 11.0,  # binomial z of the bin-edge pile-up, worst layer
     "truncation_error": 9.7,  # z of a neuron's squared rounding error, worst neuron
     "rounding_sensitivity": 0.31,  # probability gain of one class on one probe group
+    # reach of one unit over its layer's typical clean peak, worst unit; calibrated on the
+    # same eight models plus a benign CIFAR-layout ResNet-18 (8.11, docs/scanner.md)
+    "activation_reach": 13.0,
 }
 
 #: Thresholds used instead when there is no calibration data and the behavioural probes are
@@ -73,9 +82,11 @@ class ScanConfig:
 
     :param frameworks: grids to probe (keys of ``FRAMEWORKS``).
     :param bits: weight bit-widths to probe.
-    :param behaviour: run the behavioural signal (needs a forward pass per grid); ``False``
-        scans weight statistics only (fast, no data needed).
-    :param signals: restrict to these signal names (``None``: all).
+    :param behaviour: run the behavioural signals (rounding sensitivity: a forward pass per
+        grid; activation reach, when named in ``signals``); ``False`` scans weight
+        statistics only (fast, no data needed).
+    :param signals: run only these signal names (``None``: every signal except
+        ``OPT_IN_SIGNALS``, which run only when named here).
     :param clean: clean probe inputs (calibration images, or synthetic ones).
     :param base: images that receive patches.
     :param grid: patch positions per image side.
@@ -84,6 +95,10 @@ class ScanConfig:
     :param thresholds: per-signal overrides of ``THRESHOLDS``.
     :param input_shape: per-sample input shape when neither calibration data nor the model
         file says it.
+    :param activation_options: options of the ``activation_reach`` signal: ``quantile``,
+        ``floor``, ``top`` and the fields of ``RangeProbeConfig`` (``steps``, ``budget_s``,
+        ``max_units_per_site`` ...); see
+        :class:`~qcb_guard.scanner.activation_reach.ReachConfig`.
     :param seed: probes and null grids are deterministic under it.
     :param progress: tqdm progress bar (``None``: only on a terminal).
     """
@@ -98,6 +113,7 @@ class ScanConfig:
     null_grids: int = 2
     thresholds: dict[str, float] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
+    activation_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     progress: bool | None = None
 
@@ -119,25 +135,48 @@ class ScanConfig:
             if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
                 raise ConfigError(f"input_shape must be positive ints, got {self.input_shape!r}")
             object.__setattr__(self, "input_shape", shape)
+        if self.signals is not None:
+            if isinstance(self.signals, str) or not all(isinstance(s, str) for s in self.signals):
+                raise ConfigError(f"signals must be a sequence of names, got {self.signals!r}")
+            object.__setattr__(self, "signals", tuple(self.signals))
+        if self.wants("activation_reach"):
+            self.reach_config()  # validates activation_options now
+
+    def reach_config(self) -> Any:
+        """The :class:`~qcb_guard.scanner.activation_reach.ReachConfig` of this scan."""
+        from qcb_guard.scanner.activation_reach import ReachConfig
+
+        if not isinstance(self.activation_options, dict):
+            raise ConfigError(
+                f"activation_options must be a dict, got {type(self.activation_options).__name__}"
+            )
+        opts = dict(self.activation_options)
+        own = {k: opts.pop(k) for k in ("quantile", "floor", "top") if k in opts}
+        return ReachConfig(**own, probe=opts)
 
     def threshold(self, signal: str) -> float:
         return float(self.thresholds.get(signal, THRESHOLDS.get(signal, 1.0)))
 
     def wants(self, signal: str) -> bool:
-        return self.signals is None or signal in self.signals
+        if self.signals is None:
+            return signal not in OPT_IN_SIGNALS
+        return signal in self.signals
 
 
 @dataclass
 class ScanContext:
     """What ``qcb_guard_scan`` receives as ``config`` from :func:`scan`: the configuration, the
     grid being probed, and (for behavioural signals) the model view, probes and float outputs.
-    ``guard(..., scan=True)`` passes its ``GuardConfig`` instead, with none of these."""
+    ``shared`` is one dict for every grid of a scan: a grid-independent signal (activation
+    reach) computes and reports once through it. ``guard(..., scan=True)`` passes its
+    ``GuardConfig`` instead, with none of these."""
 
     config: ScanConfig
     convention: Convention
     view: Any = None
     probes: Any = None
     fp_probs: Any = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +315,14 @@ def scan(
     view, info = load_view(model, arch=arch, input_shape=config.input_shape, calibration=cal)
     seconds: dict[str, float] = {"load": round(time.perf_counter() - t0, 4)}
     notes: list[str] = list(info.pop("notes", []))
+    if config.wants("activation_reach"):
+        if not config.behaviour:
+            notes.append("activation_reach not run: behaviour=False scans weights only")
+        elif cal is None:
+            raise ConfigError(
+                "activation_reach needs calibration data: the clean activation ranges a static "
+                "flow calibrates come from it (synthetic inputs would set meaningless ranges)"
+            )
     probes = fp_probs = None
     if config.behaviour and config.wants("rounding_sensitivity"):
         t = time.perf_counter()
@@ -299,17 +346,24 @@ def scan(
     findings: list[dict[str, Any]] = []
     grids = conventions(config.frameworks, config.bits)
     layers_cache: dict[bool, Any] = {}
+    shared: dict[str, Any] = {}
     t = time.perf_counter()
     for conv in tqdm(grids, desc="qcb_guard scan", unit="grid", disable=_disable(config)):
         if conv.fold_bn not in layers_cache:
             layers_cache[conv.fold_bn] = view.layers(conv.fold_bn)
         slots = list(layer_slots(layers_cache[conv.fold_bn], conv.spec, conv.name))
-        context = ScanContext(config, conv, view, probes, fp_probs)
+        context = ScanContext(config, conv, view, probes, fp_probs, shared)
         for found in pm.hook.qcb_guard_scan(slots=slots, calibration=cal, config=context):
             findings.extend(finding_dict(f) for f in found or [])
     seconds["signals"] = round(time.perf_counter() - t, 4)
     seconds["total"] = round(time.perf_counter() - t0, 4)
     combined = combine(findings)
+    silent = [s for s in config.signals or () if s not in combined["signals"]]
+    if silent:  # a typo or an unmet precondition must not read as "clean"
+        notes.append(
+            f"requested signal(s) {', '.join(silent)} produced no finding (unknown name, or "
+            "skipped: see the notes above)"
+        )
     return ScanReport(
         verdict=combined["verdict"],
         score=combined["score"],
@@ -322,7 +376,10 @@ def scan(
             "frameworks": list(config.frameworks),
             "bits": list(config.bits),
             "behaviour": config.behaviour,
-            "thresholds": {s: config.threshold(s) for s in SIGNALS},
+            "thresholds": {
+                s: config.threshold(s)
+                for s in SIGNALS + tuple(s for s in OPT_IN_SIGNALS if config.wants(s))
+            },
             "seed": config.seed,
         },
         seconds=seconds,

@@ -194,6 +194,7 @@ class OnnxView:
 
     def _make_session(self, weights: dict[str, Tensor] | None) -> Any:
         import onnxruntime as ort
+
         from qcb_guard import onnx_graph as ou
 
         proto = self.proto
