@@ -251,7 +251,15 @@ def test_bad_inputs_fail_loudly():
     with pytest.raises(DataError, match="NaN"):
         range_probe(model, bad)
     with pytest.raises(DataError, match="valid input range"):
-        range_probe(model, x * 4)
+        range_probe(model, x * 4, RangeProbeConfig(**FAST, high=1.0))
+    with pytest.raises(DataError, match="constant"):
+        range_probe(model, torch.zeros(16, 1, 8, 8))
+    # normalised inputs need no option: probes stay in the box the calibration data spans
+    normalised = (x - 0.25) / 0.1
+    result = range_probe(model, normalised, RangeProbeConfig(**FAST))
+    probes = result.inputs
+    assert len(probes) and probes.min() >= normalised.min() and probes.max() <= normalised.max()
+    assert "outside [0, 1]" in result.notes[0]
     with pytest.raises(ConfigError, match="steps"):
         RangeProbeConfig(steps=0)
     with pytest.raises(ConfigError, match="sites"):

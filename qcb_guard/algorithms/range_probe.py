@@ -36,7 +36,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -179,8 +179,11 @@ class RangeProbeConfig:
         calibrators).
     :param max_inputs: most inputs returned after repetition (the calibration cost bound);
         when the repeats would exceed it they are scaled down and ``notes`` says so.
-    :param low: smallest valid input value.
-    :param high: largest valid input value.
+    :param low: smallest valid input value. ``None`` (with ``high``): ``[0, 1]`` when the
+        calibration data lies in it (images), else the box the calibration data spans
+        (normalised inputs; ``notes`` says so: pass the true bounds if a trigger may lie
+        outside it).
+    :param high: largest valid input value (``None``: as ``low``).
     :param min_calibration: fewest calibration inputs accepted (probes start from them).
     :param progress: tqdm bar.
     """
@@ -197,8 +200,8 @@ class RangeProbeConfig:
     keep: str = "all"
     tail_mass: float = 3e-5
     max_inputs: int = 4096
-    low: float = 0.0
-    high: float = 1.0
+    low: float | None = None
+    high: float | None = None
     min_calibration: int = 8
     progress: bool = False
 
@@ -232,8 +235,11 @@ class RangeProbeConfig:
             raise ConfigError(f"tail_mass must be in [0, 0.5), got {self.tail_mass!r}")
         if self.keep not in ("site", "all"):
             raise ConfigError(f"keep must be 'site' or 'all', got {self.keep!r}")
-        if not (_finite(self.low) and _finite(self.high) and self.low < self.high):
-            raise ConfigError(f"need finite low < high, got low={self.low!r}, high={self.high!r}")
+        for name in ("low", "high"):
+            if getattr(self, name) is not None and not _finite(getattr(self, name)):
+                raise ConfigError(f"{name} must be None or finite, got {getattr(self, name)!r}")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ConfigError(f"need low < high, got low={self.low!r}, high={self.high!r}")
         if not isinstance(self.progress, bool):
             raise ConfigError(f"progress must be a bool, got {self.progress!r}")
 
@@ -648,13 +654,14 @@ def range_probe(
     """
     config = config or RangeProbeConfig()
     _check_calibration(calibration, config)
+    config, box_note = _input_box(calibration, config)
     start = time.perf_counter()
     net = copy.deepcopy(model).eval()
     net.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     calibration = calibration.detach()
     sites = find_sites(net, calibration, config)
-    notes: list[str] = []
+    notes: list[str] = [box_note] if box_note else []
     if not sites:
         notes.append(
             "no activation function found: nothing to probe (sites='all' adds linear outputs)"
@@ -720,6 +727,24 @@ def range_probe(
     )
 
 
+def _input_box(calibration: Tensor, config: RangeProbeConfig) -> tuple[RangeProbeConfig, str]:
+    """Fill unset ``low``/``high``: images in [0, 1] keep that box; other data (normalised
+    inputs) keep the box they span, which the returned note names."""
+    if config.low is not None and config.high is not None:
+        return config, ""
+    lo, hi = float(calibration.min()), float(calibration.max())
+    if lo >= -1e-6 and hi <= 1 + 1e-6:
+        lo, hi, note = 0.0, 1.0, ""
+    else:
+        note = (
+            f"inputs outside [0, 1]: probes kept in the calibration data's range "
+            f"[{lo:.4g}, {hi:.4g}] (pass low=/high= for the true input range)"
+        )
+    low = lo if config.low is None else config.low
+    high = hi if config.high is None else config.high
+    return replace(config, low=low, high=high), note
+
+
 def _check_calibration(calibration: Any, config: RangeProbeConfig) -> None:
     if not isinstance(calibration, Tensor) or calibration.dim() < 2:
         raise DataError("calibration must be a tensor [N, ...] of model inputs")
@@ -733,10 +758,14 @@ def _check_calibration(calibration: Any, config: RangeProbeConfig) -> None:
     if not torch.isfinite(calibration).all():
         raise DataError("calibration data contains NaN or infinite values")
     lo, hi = float(calibration.min()), float(calibration.max())
-    if lo < config.low - 1e-6 or hi > config.high + 1e-6:
+    if not lo < hi:
+        raise DataError(f"calibration data is constant ({lo:.4g}): nothing to start probes from")
+    low = lo if config.low is None else config.low
+    high = hi if config.high is None else config.high
+    if lo < low - 1e-6 or hi > high + 1e-6:
         raise DataError(
             f"calibration values span [{lo:.4g}, {hi:.4g}], outside the valid input range "
-            f"[{config.low}, {config.high}] the probes are kept in: pass low=/high="
+            f"[{low}, {high}] the probes are kept in: pass low=/high="
         )
 
 
