@@ -199,7 +199,9 @@ def test_scan_reports_it_once_when_asked_and_never_by_default():
         scan(Twin(True), None, signals=("activation_reach",), input_shape=(1, 8, 8), pm=pm)
 
 
+@pytest.mark.ort
 def test_onnx_models_are_scanned_through_the_converter(tmp_path):
+    pytest.importorskip("onnx")
     from qcb_guard.attacks.simulate import export_onnx
 
     x = _images()
