@@ -7,27 +7,18 @@ calibration data for its coefficient search and accepts options from
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import torch
 
 from qcb_guard import hookimpl
 from qcb_guard.algorithms.qvec import QVecConfig, qvec_integers
-from qcb_guard.errors import ConfigError
+from qcb_guard.algorithms.reconstruction import defense_config
 from qcb_guard.slots import SlotCalibration, WeightSlot
-
-_OPTIONS = {f.name for f in fields(QVecConfig)}
 
 
 def _config(options: dict[str, Any]) -> QVecConfig:
-    unknown = set(options) - _OPTIONS
-    if unknown:
-        raise ConfigError(
-            f"defense 'qvec': unknown option(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(_OPTIONS))}"
-        )
-    return QVecConfig(**options)
+    return defense_config(QVecConfig, "qvec", options)
 
 
 def qvec(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from qcb_guard.algorithms.reconstruction import (
     SMALL_LAYER_MACS,
     ReconstructionConfig,
     ReconstructionStats,
+    defense_config,
     output_error,
     prepare_calibration,
     step_macs,
@@ -116,20 +117,9 @@ class LACConfig:
         )
 
 
-_OWN = {f.name for f in fields(LACConfig)} - {"schedule"}
-_SCHEDULE = {f.name for f in fields(ReconstructionConfig)}
-
-
 def lac_config(options: dict[str, Any]) -> LACConfig:
     """``LACConfig`` from ``guard(..., defense="lac", **options)``; unknown names are refused."""
-    unknown = set(options) - _OWN - _SCHEDULE
-    if unknown:
-        raise ConfigError(
-            f"defense 'lac': unknown option(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(_OWN | _SCHEDULE))}"
-        )
-    schedule = ReconstructionConfig(**{k: v for k, v in options.items() if k in _SCHEDULE})
-    return LACConfig(schedule=schedule, **{k: v for k, v in options.items() if k in _OWN})
+    return defense_config(LACConfig, "lac", options)
 
 
 @dataclass

@@ -12,7 +12,8 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -64,6 +65,27 @@ class ReconstructionConfig:
             raise ConfigError(f"tol must be in [0, 1), got {self.tol!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
+
+
+def defense_config(cls: type, name: str, options: dict[str, Any]) -> Any:
+    """``cls`` built from ``guard(..., defense=name, **options)``: its own fields and, when it
+    has a ``schedule``, the :class:`ReconstructionConfig` fields too; unknown names are a
+    ``ConfigError`` that lists the known ones (before any work)."""
+    own = {f.name for f in fields(cls)}
+    nested = {f.name for f in fields(ReconstructionConfig)} if "schedule" in own else set()
+    own -= {"schedule"}
+    unknown = set(options) - own - nested
+    if unknown:
+        raise ConfigError(
+            f"defense {name!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(own | nested))}"
+        )
+    kwargs = {k: v for k, v in options.items() if k in own}
+    if nested:
+        kwargs["schedule"] = ReconstructionConfig(
+            **{k: v for k, v in options.items() if k in nested}
+        )
+    return cls(**kwargs)
 
 
 @dataclass
