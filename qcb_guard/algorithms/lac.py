@@ -21,13 +21,12 @@ from typing import Any
 import torch
 
 from qcb_guard.algorithms.reconstruction import (
-    SMALL_LAYER_MACS,
     ReconstructionConfig,
     ReconstructionStats,
     defense_config,
+    layer_threads,
     output_error,
     prepare_calibration,
-    step_macs,
     torch_threads,
 )
 from qcb_guard.errors import ConfigError, DataError
@@ -242,12 +241,8 @@ def lac_integers(
     inputs, fp_inputs = prepare_calibration(calibration, config.schedule, generator)
     if not (torch.isfinite(inputs).all() and torch.isfinite(fp_inputs).all()):
         raise DataError(f"slot {slot.name!r}: calibration inputs contain NaN/inf values")
-    threads = config.schedule.threads
-    if threads is None:
-        small = step_macs(slot, inputs, config.schedule.batch_size) < SMALL_LAYER_MACS
-        threads = 1 if small else torch.get_num_threads()
     stats = LACStats()
-    with torch_threads(threads):
+    with torch_threads(layer_threads(slot, inputs, config.schedule)):
         targets = pda_targets(slot, fp_inputs, config)
         if targets is not None:
             stats.pda_source, (mean, std) = targets

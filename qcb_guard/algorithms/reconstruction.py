@@ -167,6 +167,15 @@ def step_macs(slot: WeightSlot, inputs: torch.Tensor, batch_size: int) -> int:
     return int(out.numel() * per_output * min(batch_size, inputs.shape[0]))
 
 
+def layer_threads(slot: WeightSlot, inputs: torch.Tensor, config: ReconstructionConfig) -> int:
+    """``config.threads``, or by default one thread for small layers (thread start-up costs
+    more than it saves there) and all of torch's otherwise."""
+    if config.threads is not None:
+        return config.threads
+    small = step_macs(slot, inputs, config.batch_size) < SMALL_LAYER_MACS
+    return 1 if small else torch.get_num_threads()
+
+
 def reconstruct(
     slot: WeightSlot,
     calibration: SlotCalibration | None,
@@ -186,11 +195,7 @@ def reconstruct(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     inputs, fp_inputs = prepare_calibration(calibration, config, generator)
-    threads = config.threads
-    if threads is None:
-        small = step_macs(slot, inputs, config.batch_size) < SMALL_LAYER_MACS
-        threads = 1 if small else torch.get_num_threads()
-    with torch_threads(threads):
+    with torch_threads(layer_threads(slot, inputs, config)):
         integers, stats = _optimise(
             slot, inputs, fp_inputs, init_v, soft, regulariser, config, generator
         )
