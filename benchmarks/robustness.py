@@ -54,6 +54,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BETA, LAM = 0.1, 0.3  # β: the value validation chose most often (``seeds``)
 
 
+def patch_table(block: dict) -> str:
+    """Patch transfer ASR %: rows the model a patch was optimised on, columns evaluated on."""
+    rows = [
+        [s, *[pct(v) for v in row]] for s, row in zip(block["sources"], block["asr"], strict=True)
+    ]
+    return markdown_table(["source", *block["targets"]], rows)
+
+
 def configs(data: str, quick: bool) -> list[StudyConfig]:
     big = data == "mnist5k"
     common: dict[str, Any] = {
@@ -167,15 +175,7 @@ def print_report(report: dict[str, Any]) -> list[str]:
                 )
     for name, block in report.get("patch", {}).items():
         print(f"\n{name}: ASR % (rows: optimised on; columns: evaluated on)\n")
-        print(
-            markdown_table(
-                ["source", *block["targets"]],
-                [
-                    [s, *[pct(v) for v in row]]
-                    for s, row in zip(block["sources"], block["asr"], strict=True)
-                ],
-            )
-        )
+        print(patch_table(block))
     for name, block in report.get("extraction", {}).items():
         print(
             f"\n{name}: {block['queries']} {block['transfer']} queries, victims at "
@@ -506,16 +506,7 @@ def run_patches(args: argparse.Namespace) -> None:
                 report = run_study(config, echo=lambda m: print(f"  .. {m}", flush=True))
                 block = report["patch"]["patch"]
                 print(f"\n{data} {placement} seed {seed}: ASR % (rows: source)\n")
-                print(
-                    markdown_table(
-                        ["source", *block["targets"]],
-                        [
-                            [s_, *[pct(v) for v in row]]
-                            for s_, row in zip(block["sources"], block["asr"], strict=True)
-                        ],
-                    ),
-                    flush=True,
-                )
+                print(patch_table(block), flush=True)
                 reports.append(report)
             first = reports[0]["patch"]["patch"]
             cells = [
