@@ -12,7 +12,9 @@ import torch
 
 from qcb_guard import hookimpl
 from qcb_guard.manager import make_plugin_manager
+from qcb_guard.quant import QuantSpec, compute_qparams
 from qcb_guard.quant.ops import broadcast
+from qcb_guard.slots import SlotCalibration, WeightSlot
 
 # NNCF compiles a C++ extension on first use (~25 s) under a lock in the shared torch
 # extensions cache, with a 60 s load timeout: a build killed by that timeout under load
@@ -60,3 +62,18 @@ def floor_plugin():
 def pm(floor_plugin):
     """A fresh plugin manager: built-ins + the floor plugin, no third-party autoload."""
     return make_plugin_manager(autoload=False, plugins=[floor_plugin], block=[])
+
+
+def conv_slot(seed: int = 0, bits: int = 4, **attrs) -> tuple[WeightSlot, SlotCalibration]:
+    """A seeded 4→8 channel 3×3 conv slot on its symmetric grid, with 64 calibration inputs
+    (extra keywords go into ``slot.attrs``)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
+    spec = QuantSpec(bits=bits)
+    scale, zp = compute_qparams(weight, spec)
+    slot = WeightSlot(
+        "conv", "conv2d", weight, scale, zp, 0, spec.qmin, spec.qmax,
+        bias=torch.zeros(8), attrs={"padding": 1, **attrs},
+    )  # fmt: skip
+    x = torch.rand(64, 4, 6, 6, generator=gen)
+    return slot, SlotCalibration(x)

@@ -24,20 +24,9 @@ from qcb_guard.guarding import round_slots
 from qcb_guard.quant import QuantSpec, compute_qparams
 from qcb_guard.slots import SlotCalibration, WeightSlot
 
+from .conftest import conv_slot
+
 FAST = ReconstructionConfig(iters=300, check_every=50, min_iters=100)
-
-
-def conv_slot(seed: int = 0, bits: int = 4, **attrs) -> tuple[WeightSlot, SlotCalibration]:
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
-    spec = QuantSpec(bits=bits)
-    scale, zp = compute_qparams(weight, spec)
-    slot = WeightSlot(
-        "conv", "conv2d", weight, scale, zp, 0, spec.qmin, spec.qmax,
-        bias=torch.zeros(8), attrs={"padding": 1, **attrs},
-    )  # fmt: skip
-    x = torch.rand(64, 4, 6, 6, generator=gen)
-    return slot, SlotCalibration(x)
 
 
 def layer_error(slot: WeightSlot, cal: SlotCalibration, q: torch.Tensor) -> float:

@@ -23,21 +23,10 @@ from qcb_guard.algorithms.qvec import (
 from qcb_guard.config import GuardConfig
 from qcb_guard.errors import ConfigError, DataError
 from qcb_guard.guarding import guard, round_slots
-from qcb_guard.quant import QuantSpec, compute_qparams
 from qcb_guard.quant.ops import quantize
 from qcb_guard.slots import SlotCalibration, WeightSlot
 
-
-def conv_slot(seed: int = 0, bits: int = 4) -> tuple[WeightSlot, SlotCalibration]:
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
-    spec = QuantSpec(bits=bits)
-    scale, zp = compute_qparams(weight, spec)
-    slot = WeightSlot(
-        "conv", "conv2d", weight, scale, zp, 0, spec.qmin, spec.qmax,
-        bias=torch.zeros(8), attrs={"padding": 1},
-    )  # fmt: skip
-    return slot, SlotCalibration(torch.rand(64, 4, 6, 6, generator=gen))
+from .conftest import conv_slot
 
 
 def linear_slot(fractions: list[float], zero_point: int = 0) -> WeightSlot:
