@@ -77,3 +77,13 @@ def conv_slot(seed: int = 0, bits: int = 4, **attrs) -> tuple[WeightSlot, SlotCa
     )  # fmt: skip
     x = torch.rand(64, 4, 6, 6, generator=gen)
     return slot, SlotCalibration(x)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CI box has 2 shared cores: one thread per test process is faster and steadier
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

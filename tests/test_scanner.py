@@ -29,12 +29,7 @@ from qcb_guard.scanner.truncation_error import neuron_error_z
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ from qcb_guard.scanner.activation_reach import (
 FAST = {"steps": 20, "step_size": 0.15, "patience": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int = 64, seed: int = 0) -> torch.Tensor:
