@@ -87,3 +87,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class BrokenProbe:
+    """An activation defense that fails (e.g. a model it cannot differentiate)."""
+
+    @hookimpl
+    def qcb_guard_register_activation_defenses(self, register):
+        def broken(model, calibration, *, seed=0):
+            raise RuntimeError("model is not differentiable")
+
+        register("broken", broken)

@@ -38,7 +38,7 @@ from qcb_guard.errors import (  # noqa: E402
 from qcb_guard.manager import make_plugin_manager  # noqa: E402
 from qcb_guard.quant.ops import broadcast  # noqa: E402
 
-from .conftest import FloorPlugin, floor_integers  # noqa: E402
+from .conftest import BrokenProbe, FloorPlugin, floor_integers  # noqa: E402
 
 pytestmark = [
     pytest.mark.nncf,
@@ -843,17 +843,6 @@ class PlantedCase:
             )
         with torch.no_grad():
             return torch.cat([artefact(x) for x in self.x.split(1)])
-
-
-class BrokenProbe:
-    """An activation defense that fails (e.g. a model it cannot differentiate)."""
-
-    @hookimpl
-    def qcb_guard_register_activation_defenses(self, register):
-        def broken(model, calibration, *, seed=0):
-            raise RuntimeError("model is not differentiable")
-
-        register("broken", broken)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -34,6 +34,8 @@ from qcb_guard.errors import (  # noqa: E402
     UnsupportedObjectError,
 )
 
+from .conftest import BrokenProbe  # noqa: E402
+
 pytestmark = [
     pytest.mark.torch_ao,
     pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
@@ -748,17 +750,6 @@ def hidden_high(converted) -> float:
     """Upper end of the calibrated range of the hidden ReLU output (quint8, zero point)."""
     layer = converted.fc1  # LinearReLU: its output qparams are the hidden tensor's
     return float(layer.scale) * (255 - int(layer.zero_point))
-
-
-class BrokenProbe:
-    """An activation defense that fails (e.g. a model it cannot differentiate)."""
-
-    @hookimpl
-    def qcb_guard_register_activation_defenses(self, register):
-        def broken(model, calibration, *, seed=0):
-            raise RuntimeError("model is not differentiable")
-
-        register("broken", broken)
 
 
 @pytest.mark.parametrize("flow", ["eager", "fx"])
