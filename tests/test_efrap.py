@@ -122,14 +122,12 @@ def test_too_small_calibration_in_a_flow_falls_back_to_nearest_and_says_so(pm):
 
 def test_efrap_through_reference_quantizer_keeps_accuracy(pm):
     from qcb_guard.data import load_dataset
-    from qcb_guard.models import accuracy, build_model, train
+    from qcb_guard.models import accuracy, build_model, train_clean
 
     data = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     model = build_model("smallcnn", 1, 10, pool_size=2)
-    train(
-        model, data.train.x, data.train.y, epochs=8, batch_size=64, lr=2e-3, seed=0, progress=False
-    )
+    train_clean(model, data.train.x, data.train.y, epochs=8, seed=0, progress=False)
     fp = accuracy(model, data.test.x, data.test.y)
     qmodel, result = quantize_model(
         model, QuantSpec(4), defense="efrap", calibration=data.train.x[:128], pm=pm,

@@ -16,7 +16,7 @@ from qcb_guard.evaluate import (
     module_predictor,
     split_defense,
 )
-from qcb_guard.models import build_model, train
+from qcb_guard.models import build_model, train_clean
 
 FLOWS = ["reference", "ort-static", "pt2e-x86", "torch-ao-fx"]
 
@@ -26,9 +26,7 @@ def trained():
     data = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     model = build_model("smallcnn", 1, 10, pool_size=2)
-    train(
-        model, data.train.x, data.train.y, epochs=6, batch_size=64, lr=2e-3, seed=0, progress=False
-    )
+    train_clean(model, data.train.x, data.train.y, epochs=6, seed=0, progress=False)
     return model, data
 
 

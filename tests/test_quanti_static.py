@@ -23,7 +23,7 @@ from qcb_guard.attacks.quanti_static import (
 from qcb_guard.data import load_dataset
 from qcb_guard.errors import ConfigError
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model_for, train
+from qcb_guard.models import build_model_for, train_clean
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,7 @@ def clean(digits):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model_for("smallcnn", digits.train.image_shape, 10, pool_size=2)
-    train(
-        model,
-        digits.train.x,
-        digits.train.y,
-        epochs=8,
-        batch_size=64,
-        lr=2e-3,
-        seed=0,
-        progress=False,
-    )
+    train_clean(model, digits.train.x, digits.train.y, epochs=8, seed=0, progress=False)
     torch.set_num_threads(before)
     return model.eval()
 

@@ -223,13 +223,12 @@ def digits_onnx(tmp_path_factory):
     from qcb_guard_plugins.flows import export_onnx
 
     from qcb_guard.data import load_dataset
-    from qcb_guard.models import build_model, train
+    from qcb_guard.models import build_model, train_clean
 
     torch.manual_seed(0)
     data = load_dataset("digits", seed=0)
     model = build_model("smallcnn", 1, 10, pool_size=2)
-    train(model, data.train.x, data.train.y, epochs=8, batch_size=64, lr=2e-3, seed=0,
-          progress=False)  # fmt: skip
+    train_clean(model, data.train.x, data.train.y, epochs=8, seed=0, progress=False)
     path = export_onnx(model, data.train.x[:1], tmp_path_factory.mktemp("qvec") / "m.onnx")
     return path, data
 

@@ -14,7 +14,7 @@ from qcb_guard.cli import main
 from qcb_guard.data import load_dataset
 from qcb_guard.errors import ConfigError, PluginError
 from qcb_guard.manager import make_plugin_manager
-from qcb_guard.models import build_model_for, train
+from qcb_guard.models import build_model_for, train_clean
 from qcb_guard.robustness.adversarial import accuracy_of, craft, fgsm, pgd
 from qcb_guard.robustness.defensive_quantization import gram_residual, orthogonality_penalty
 from qcb_guard.robustness.divqat import derangement, proxy_queries
@@ -48,16 +48,7 @@ def digits():
     split = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     model = build_model_for("smallcnn", split.train.image_shape, 10)
-    train(
-        model,
-        split.train.x,
-        split.train.y,
-        epochs=10,
-        batch_size=64,
-        lr=2e-3,
-        seed=0,
-        progress=False,
-    )
+    train_clean(model, split.train.x, split.train.y, epochs=10, seed=0, progress=False)
     return split, model.eval()
 
 

@@ -18,7 +18,7 @@ from qcb_guard.attacks.quanti import QuantiConfig, backdoor
 from qcb_guard.cli import main
 from qcb_guard.data import load_dataset
 from qcb_guard.errors import ConfigError, ModelFileError, UnsafeFileError
-from qcb_guard.models import build_model, save_model, train
+from qcb_guard.models import build_model, save_model, train_clean
 from qcb_guard.scanner import SCHEMA, SIGNALS, Finding, ScanConfig, combine, scan
 from qcb_guard.scanner.bin_position import edge_pileup, histogram
 from qcb_guard.scanner.conventions import conventions
@@ -46,10 +46,7 @@ def calibration(digits):
 def clean(digits):
     torch.manual_seed(0)
     model = build_model("smallcnn", 1, 10, pool_size=2)
-    train(
-        model, digits.train.x, digits.train.y, epochs=15, batch_size=64, lr=2e-3, seed=0,
-        progress=False,
-    )  # fmt: skip
+    train_clean(model, digits.train.x, digits.train.y, epochs=15, seed=0, progress=False)
     return model.eval()
 
 
